@@ -1,0 +1,155 @@
+"""Command line: ``tpgrpo train | eval | bench | pretrain-shapes``.
+
+Configuration errors and bad input print one line naming the field or file and exit with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML preset (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="override single fields")
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .trainer import Trainer, TrainingAborted
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    try:
+        summary = trainer.train()
+    except TrainingAborted as e:
+        _fail(str(e), 1)
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if before and after:
+        print(f"test reward (partial) {before['partial']:.3f} -> {after['partial']:.3f}; "
+              f"strict accuracy {before['strict']:.3f} -> {after['strict']:.3f}")
+    print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    import torch
+
+    from .evaluation import evaluate, save_eval_grid
+    from .models import load_model
+    from .prompts import load_prompt_source
+    from .rewards import build_reward
+    from .sampling import sigma_schedule
+
+    try:
+        model = load_model(cfg.model)
+        source = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
+        reward = build_reward(cfg.reward.name)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if args.lora:
+        from .export import load_lora_into
+
+        load_lora_into(model, cfg, args.lora)
+    sig = sigma_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift)
+    with torch.no_grad():
+        res = evaluate(model, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
+                       per_tag=cfg.data.eval_per_tag, seed=cfg.seed)
+    out = {k: v for k, v in res.items() if k in ("strict", "partial", "per_tag", "n")}
+    print(json.dumps(out, indent=2))
+    if args.grid:
+        save_eval_grid(res, Path(args.grid))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .shapes.pretrain import PretrainConfig, pretrain
+
+    pretrain(PretrainConfig(out=args.out, export=args.export, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, seed=args.seed, threads=args.threads))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .bench import run_bench
+
+    run_bench(cfg, out_json=Path(args.out), repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tpgrpo", description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="train with the configured method (default: TP-GRPO on the shapes world)")
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="resume from the latest checkpoint of run_dir, or from the given checkpoint directory")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model (optionally with a trained checkpoint's LoRA)")
+    _add_config_args(p)
+    p.add_argument("--lora", help="checkpoint directory whose LoRA (EMA) weights to evaluate")
+    p.add_argument("--grid", help="write an image grid PNG here")
+    p.add_argument("--json", help="write the scores as JSON here")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="measure model calls, overheads and epoch costs (writes JSON + markdown)")
+    _add_config_args(p)
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("pretrain-shapes", help="pretrain the built-in shapes base model (resumable)")
+    p.add_argument("--out", default="pretrain")
+    p.add_argument("--export", default=None, help="final safetensors path (default: OUT/shapes_base.safetensors)")
+    p.add_argument("--steps", type=int, default=7000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_pretrain)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args.threads)
+    if args.cmd == "pretrain-shapes":
+        args.threads = args.threads
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        _fail(str(e).removeprefix("error: "))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Typed, validated configuration (pydantic). YAML presets live in ``configs/``; any field can be overridden on the
+command line as ``section.field=value`` (the value is parsed as YAML). Unknown keys and impossible values raise
+:class:`ConfigError` with one line naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    kind: Literal["shapes"] = "shapes"
+    path: str | None = None  # weights file or directory; None = the built-in shapes base model
+
+
+class SamplingConfig(_Section):
+    num_steps: int = Field(10, ge=2, description="denoising steps of a training rollout (T)")
+    eval_num_steps: int = Field(20, ge=1)
+    shift: float = Field(1.0, gt=0)
+    guidance_scale: float = Field(3.0, ge=1.0)
+    kernel: Literal["sde", "cps", "dance"] = "cps"
+    noise_level: float = Field(0.7, gt=0, description="a (sde), η (cps, dance)")
+    logprob: Literal["gaussian", "mse"] = "gaussian"
+    window_size: int = Field(9, ge=1, description="W: consecutive stochastic (trained) steps")
+    window_start_min: int = Field(0, ge=0)
+    window_start_max: int = Field(0, ge=0)
+    same_noise: bool = False  # every member of a prompt group starts from the same initial noise
+
+    @model_validator(mode="after")
+    def _window_fits(self):
+        if self.window_start_max < self.window_start_min:
+            raise ValueError("window_start_max: must be >= window_start_min")
+        if self.window_start_max + self.window_size > self.num_steps - 1:
+            raise ValueError(
+                f"window_size: a window of {self.window_size} starting at step {self.window_start_max} reaches the "
+                f"final step (num_steps={self.num_steps}); the final step is deterministic and never trained")
+        return self
+
+
+class DataConfig(_Section):
+    train_prompts: str = "shapes:train"  # "shapes:train" | "shapes:test" | path to a text file (one prompt a line)
+    eval_prompts: str = "shapes:test"
+    eval_per_tag: int = Field(16, ge=1)
+
+
+class RewardConfig(_Section):
+    name: str = "shapes"
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    prompts_per_epoch: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=1)
+    sample_batch_size: int = Field(16, ge=1, description="samples per sampling micro-batch (balancing scope)")
+    train_batch_size: int = Field(16, ge=1)
+    max_batch: int = Field(256, ge=1, description="largest model-call batch (CFG doubles the states)")
+    inner_epochs: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+    beta: float = Field(0.0, ge=0, description="KL weight")
+    global_std: bool = False
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    ema_every: int = Field(1, ge=1)
+    eval_every: int = Field(5, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+    max_nonfinite: int = Field(3, ge=1, description="abort after this many non-finite updates in a row")
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self):
+        n = self.prompts_per_epoch * self.group_size
+        if self.group_size < 2:
+            raise ValueError("group_size: GRPO needs at least 2 samples per prompt group")
+        if n % self.sample_batch_size:
+            raise ValueError(f"sample_batch_size: {self.sample_batch_size} does not divide the "
+                             f"{n} samples of an epoch (prompts_per_epoch × group_size)")
+        if n % self.train_batch_size:
+            raise ValueError(f"train_batch_size: {self.train_batch_size} does not divide the "
+                             f"{n} samples of an epoch (prompts_per_epoch × group_size)")
+        return self
+
+
+class TPGRPOConfig(_Section):
+    consistent: bool = True
+    first_step: bool = True
+    balance: bool = True
+    balance_rank: Literal["trajectory", "aggregated"] = "trajectory"
+    balance_scope: Literal["microbatch", "group", "batch"] = "microbatch"
+    completion: Literal["lockstep", "sequential"] = "lockstep"
+    completion_steps: int | None = Field(None, ge=1, description="ODE steps for a fork's completion; None = all")
+
+
+class Config(_Section):
+    algorithm: Literal["tpgrpo", "flow_grpo"] = "tpgrpo"
+    seed: int = 0
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    data: DataConfig = DataConfig()
+    reward: RewardConfig = RewardConfig()
+    training: TrainingConfig = TrainingConfig()
+    tpgrpo: TPGRPOConfig = TPGRPOConfig()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.training.prompts_per_epoch * self.training.group_size
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        field, _, rest = msg.partition(": ")
+        if rest and " " not in field:
+            loc = f"{loc}.{field}" if loc else field
+            msg = rest
+    return f"config error: {loc}: {msg}" if loc else f"config error: {msg}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"config error: {dotted}: {k} is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"config error: override {item!r} must look like section.field=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (optional), apply ``section.field=value`` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config error: {p}: not valid YAML ({type(e).__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {p}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

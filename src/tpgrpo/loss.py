@@ -1,0 +1,104 @@
+"""Clipped GRPO policy loss and KL penalty (DESIGN.md §2).
+
+Pure tensor functions. ``logp`` carries the gradient; ``logp_old`` and the advantages are treated as constants.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["clipped_policy_loss", "kl_penalty", "grpo_step_loss"]
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def clipped_policy_loss(
+    logp: Any,
+    logp_old: Any,
+    advantages: Any,
+    clip_range: float,
+    *,
+    adv_clip_max: float | None = 5.0,
+    weights: Any = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample PPO-clip loss ``max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))`` (DESIGN.md §2).
+
+    ``ρ = exp(logp − logp_old)``; ``A`` is clamped to ``±adv_clip_max`` (5 by default; None disables).
+    Optional per-sample ``weights`` (e.g. TempFlow-GRPO noise-aware weights, DESIGN.md §3.3) multiply the
+    policy term. All inputs broadcast elementwise (normally ``[B]``).
+
+    Returns:
+        ``(loss_per_sample [B], info)`` with ``info["ratio"]`` (ρ, detached), ``info["clipfrac"]`` (fraction
+        with ``|ρ − 1| > ε``, scalar) and ``info["approx_kl"]`` (``0.5·mean((logp − logp_old)²)``, scalar).
+    """
+    if not (clip_range > 0 and math.isfinite(clip_range)):
+        raise ValueError(f"clip_range must be a finite number > 0, got {clip_range!r}")
+    if adv_clip_max is not None and not adv_clip_max > 0:
+        raise ValueError(f"adv_clip_max must be > 0 or None, got {adv_clip_max!r}")
+    logp = _as_tensor(logp)
+    logp_old = _as_tensor(logp_old).to(device=logp.device, dtype=logp.dtype).detach()
+    adv = _as_tensor(advantages).to(device=logp.device, dtype=logp.dtype).detach()
+    if adv_clip_max is not None:
+        adv = adv.clamp(-adv_clip_max, adv_clip_max)
+
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        loss = loss * _as_tensor(weights).to(device=logp.device, dtype=logp.dtype).detach()
+
+    with torch.no_grad():
+        info = {
+            "ratio": ratio.detach(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).to(logp.dtype).mean(),
+            "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+        }
+    return loss, info
+
+
+def kl_penalty(kl: Any, beta: float) -> torch.Tensor:
+    """``β · mean(kl)``; ``kl`` is the per-sample KL to the reference policy (DESIGN.md §2). Never weighted."""
+    return beta * _as_tensor(kl).mean()
+
+
+def grpo_step_loss(
+    logp: Any,
+    logp_old: Any,
+    advantages: Any,
+    clip_range: float,
+    *,
+    kl: Any = None,
+    beta: float = 0.0,
+    adv_clip_max: float | None = 5.0,
+    weights: Any = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scalar loss for one trained step: ``mean(policy loss, weighted) + β·mean(kl)``.
+
+    The per-sample ``weights`` multiply the policy term only; the KL term is unweighted (DESIGN.md §3.3).
+    ``kl`` may be None when ``beta == 0``. ``info`` adds ``policy_loss`` and ``kl_loss`` (detached scalars) to
+    the entries of :func:`clipped_policy_loss`.
+    """
+    per_sample, info = clipped_policy_loss(
+        logp, logp_old, advantages, clip_range, adv_clip_max=adv_clip_max, weights=weights
+    )
+    policy = per_sample.mean()
+    if kl is None:
+        if beta != 0:
+            raise ValueError("grpo_step_loss: beta != 0 requires kl")
+        kl_term = torch.zeros((), dtype=policy.dtype, device=policy.device)
+        kl_mean = kl_term
+    else:
+        kl_t = _as_tensor(kl)
+        kl_mean = kl_t.mean()
+        kl_term = beta * kl_mean
+    info["policy_loss"] = policy.detach()
+    info["kl_loss"] = kl_mean.detach()
+    return policy + kl_term, info

@@ -1,0 +1,17 @@
+"""The GRPO-family methods on one engine. A method decides which states are forked and how rewards become
+per-step advantages; everything else (rollouts, loss, optimisation) is shared (DESIGN §3)."""
+
+from .base import Credit, Method
+from .flow_grpo import FlowGRPO
+from .tp_grpo import TPGRPO
+
+METHODS: dict[str, type] = {"flow_grpo": FlowGRPO, "tpgrpo": TPGRPO}
+
+
+def build_method(name: str, cfg) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"algorithm: unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name](cfg)
+
+
+__all__ = ["Credit", "Method", "METHODS", "build_method"]

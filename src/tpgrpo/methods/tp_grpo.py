@@ -1,0 +1,38 @@
+"""TP-GRPO (DESIGN §3.4) — what differs from Flow-GRPO:
+
+* the engine ODE-completes every window state, giving R_0 … R_W per trajectory (R_W = the trajectory's own reward);
+* per-step rewards are the incremental rewards r_t = R_t − R_{t−1}, except at turning points, which receive the
+  aggregated reward g_t = R_W − R_{t−1}; turning points are balanced by sign within a scope;
+* advantages are normalised per window step within each prompt group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..advantages import group_advantages
+from ..credit import balance_turning_points, incremental_and_aggregated, turning_point_rewards, turning_point_stats
+from .base import Credit
+
+
+class TPGRPO:
+    name = "tpgrpo"
+    forks_window_states = True
+
+    def __init__(self, cfg):
+        self.opts = cfg.tpgrpo
+
+    def credit(self, rewards, fork_rewards, group_ids, microbatch_ids, window_size) -> Credit:
+        o = self.opts
+        R = torch.cat([fork_rewards, rewards[:, None]], dim=1).double()  # [N, W+1]: R_0 … R_W
+        r, g = incremental_and_aggregated(R)
+        step_rewards, is_tp = turning_point_rewards(R, consistent=o.consistent, first_step=o.first_step)
+        balanced, is_tp_kept = step_rewards, is_tp
+        if o.balance:
+            scope = {"microbatch": microbatch_ids, "group": group_ids,
+                     "batch": torch.zeros_like(group_ids)}[o.balance_scope]
+            balanced, is_tp_kept = balance_turning_points(step_rewards, is_tp, r, R, scope_ids=scope,
+                                                          rank_by=o.balance_rank)
+        adv = group_advantages(balanced, group_ids, std="group").float()
+        stats = turning_point_stats(is_tp, is_tp_kept, step_rewards, r, g)
+        return Credit(adv, stats={"tp": stats, "R": R.float(), "is_tp": is_tp_kept})

@@ -1,0 +1,168 @@
+"""The built-in shapes model: pixel-space flow matching with a tiny diffusers ``SD3Transformer2DModel`` and a small
+word-level text encoder over the shapes grammar's vocabulary (DESIGN §6)."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..shapes.grammar import vocabulary
+from .base import PromptEmbeds, apply_cfg, sigma_batch
+
+SD3_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+DEFAULT_CONFIG = {
+    "image_size": 32,
+    "patch_size": 4,
+    "num_layers": 6,
+    "width": 128,
+    "heads": 4,
+    "text_layers": 2,
+    "max_words": 8,
+}
+PAD, BOS = 0, 1
+
+
+def default_weights_path() -> Path:
+    return Path(str(resources.files("tpgrpo") / "assets" / "shapes_base.safetensors"))
+
+
+class ShapesTokenizer:
+    """Word-level tokenizer: [BOS] + words + [PAD]…; words outside the grammar raise a clear error."""
+
+    def __init__(self, words: Sequence[str], max_words: int):
+        self.word_to_id = {w: i + 2 for i, w in enumerate(words)}
+        self.max_words = max_words
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.word_to_id) + 2
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = torch.full((len(prompts), self.max_words + 1), PAD, dtype=torch.long)
+        ids[:, 0] = BOS
+        for i, p in enumerate(prompts):
+            words = p.lower().split()
+            if len(words) > self.max_words:
+                raise ValueError(f"prompt {p!r} has {len(words)} words; the shapes text encoder takes at most {self.max_words}")
+            for j, w in enumerate(words):
+                if w not in self.word_to_id:
+                    raise ValueError(f"prompt {p!r}: word {w!r} is not in the shapes vocabulary")
+                ids[i, j + 1] = self.word_to_id[w]
+        return ids
+
+
+class ShapesTextEncoder(nn.Module):
+    """Token + position embeddings and a small pre-norm transformer encoder; pooled output = the BOS state."""
+
+    def __init__(self, vocab_size: int, width: int, layers: int, heads: int, seq_len: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(torch.zeros(seq_len, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.tok(ids) + self.pos[: ids.shape[1]]
+        h = self.norm(self.encoder(h, src_key_padding_mask=ids == PAD))
+        return h, h[:, 0]
+
+
+class ShapesModel(nn.Module):
+    """Text encoder + tiny SD3 transformer in pixel space ([-1, 1], 3×32×32)."""
+
+    lora_target_modules = SD3_ATTENTION_PROJECTIONS
+
+    def __init__(self, config: dict | None = None, *, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = {**DEFAULT_CONFIG, **(config or {})}
+        c = self.config
+        self.tokenizer = ShapesTokenizer(vocabulary(), c["max_words"])
+        self.text_encoder = ShapesTextEncoder(self.tokenizer.vocab_size, c["width"], c["text_layers"], c["heads"],
+                                              c["max_words"] + 1)
+        self.transformer = SD3Transformer2DModel(
+            sample_size=c["image_size"], patch_size=c["patch_size"], in_channels=3, out_channels=3,
+            num_layers=c["num_layers"], attention_head_dim=c["width"] // c["heads"], num_attention_heads=c["heads"],
+            joint_attention_dim=c["width"], caption_projection_dim=c["width"], pooled_projection_dim=c["width"],
+            pos_embed_max_size=c["image_size"] // c["patch_size"],
+        )
+        self.autocast_dtype = autocast_dtype
+
+    # --- protocol ---------------------------------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, ...]:
+        s = self.config["image_size"]
+        return (3, s, s)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        ids = self.tokenizer(list(prompts)).to(self.device)
+        hidden, pooled = self.text_encoder(ids)
+        return PromptEmbeds(hidden.float(), pooled.float())
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def raw_velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: PromptEmbeds) -> torch.Tensor:
+        """One transformer call: fp32 velocity for a batch of states at noise level sigma (timestep 1000·σ)."""
+        t = sigma_batch(sigma, x.shape[0], x.device) * 1000.0
+        with self._autocast():
+            out = self.transformer(hidden_states=x, encoder_hidden_states=cond.hidden, pooled_projections=cond.pooled,
+                                   timestep=t, return_dict=False)[0]
+        return out.float()
+
+    def velocity(self, x, sigma, cond, uncond=None, guidance_scale=1.0):
+        if uncond is None or guidance_scale == 1.0:
+            return self.raw_velocity(x, sigma, cond)
+        n = x.shape[0]
+        s = sigma_batch(sigma, n, x.device)
+        v = self.raw_velocity(torch.cat([x, x]), torch.cat([s, s]), PromptEmbeds.cat([uncond, cond]))
+        return apply_cfg(v[:n], v[n:], guidance_scale)
+
+    @staticmethod
+    def decode(x: torch.Tensor) -> np.ndarray:
+        img = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).cpu().numpy()
+
+    @staticmethod
+    def encode_images(images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1] (the data space of the built-in model)."""
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    # --- weights ----------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write weights (safetensors) and the config (as safetensors metadata) atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(tmp), metadata={"config": json.dumps(self.config)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **kw) -> "ShapesModel":
+        path = Path(path) if path else default_weights_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"model weights not found: {path} (train them with `tpgrpo pretrain-shapes`)")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        model = cls(json.loads(meta.get("config", "{}")), **kw)
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model

@@ -1,0 +1,379 @@
+"""The training loop shared by every method: sample → score → credit → advantages → optimise; evaluation;
+checkpoints; logging (DESIGN §3, §10).
+
+Determinism: everything random in epoch e (prompt choice, window start, initial and transition noise, shuffling)
+derives from (seed, e), so a resumed run needs only weights, optimizer, EMA and counters to continue bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .advantages import nonzero_advantage_mask
+from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, dump_config
+from .ema import EMA
+from .evaluation import evaluate, save_eval_grid
+from .export import add_lora
+from .loss import grpo_step_loss
+from .methods import build_method
+from .models import load_model
+from .models.base import PromptEmbeds
+from .plots import plot_reward_curve, plot_turning_points
+from .prompts import PromptSource, load_prompt_source
+from .rewards import build_reward
+from .rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
+from .sampling import kl_to_reference, log_prob, sigma_schedule, transition
+
+
+class TrainingAborted(RuntimeError):
+    """A run that cannot continue (e.g. non-finite updates N times in a row); the message says why."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A stable 63-bit seed from integers (independent of Python's hash randomisation)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+@dataclass
+class EpochBatch:
+    prompts: list[str]
+    group_ids: torch.Tensor       # [N]
+    microbatch_ids: torch.Tensor  # [N]
+    window: list[int]
+    window_latents: torch.Tensor  # [N, W+1, *latent]
+    log_probs: torch.Tensor       # [N, W]
+    advantages: torch.Tensor      # [N, W]
+    step_weights: torch.Tensor | None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: str | bool | None = None, log_trackers: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.model = load_model(cfg.model)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self._add_lora()
+        self.trainable = [p for p in self.model.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+        self.ema = EMA(self.trainable, cfg.training.ema_decay)
+        self.reward_fn = build_reward(cfg.reward.name)
+        self.train_source: PromptSource = load_prompt_source(cfg.data.train_prompts, "data.train_prompts")
+        self.eval_source: PromptSource = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
+        s = cfg.sampling
+        self.sigmas = sigma_schedule(s.num_steps, s.shift)
+        self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift)
+        self.method = build_method(cfg.algorithm, cfg)
+        self._embed_cache: dict[str, PromptEmbeds] = {}
+        self.uncond = self.embed([""])
+        self.epoch = 0
+        self.optimizer_steps = 0
+        self.nonfinite_in_row = 0
+        self._stop_requested = False
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume:
+            ckpt = find_latest_checkpoint(self.run_dir) if resume is True or resume == "latest" else Path(resume)
+            if ckpt is None:
+                raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
+            self._restore(ckpt)
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.tracker = None
+        if log_trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tracker = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def _add_lora(self) -> None:
+        add_lora(self.model, self.cfg.training.lora_rank, self.cfg.training.lora_alpha)
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.transformer.named_parameters() if p.requires_grad}
+
+    def embed(self, prompts: list[str]) -> PromptEmbeds:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        if missing:
+            with torch.no_grad():
+                e = self.model.encode_prompts(missing)
+            for i, p in enumerate(missing):
+                self._embed_cache[p] = e.index(slice(i, i + 1))
+        return PromptEmbeds.cat([self._embed_cache[p] for p in prompts])
+
+    # --- one epoch --------------------------------------------------------------------------------------------
+    def _epoch_plan(self, epoch: int) -> tuple[list[str], list[int], random.Random]:
+        cfg = self.cfg
+        rng = random.Random(_seed_for(cfg.seed, epoch, 1))
+        prompts = self.train_source.sample(rng, cfg.training.prompts_per_epoch)
+        s = cfg.sampling
+        start = rng.randint(s.window_start_min, s.window_start_max)
+        return prompts, list(range(start, start + s.window_size)), rng
+
+    def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
+        """Sample the epoch's rollouts, score them and turn rewards into per-step advantages."""
+        cfg, s, t = self.cfg, self.cfg.sampling, self.cfg.training
+        group_prompts, window, _ = self._epoch_plan(epoch)
+        G = t.group_size
+        prompts = [p for p in group_prompts for _ in range(G)]
+        n = len(prompts)
+        group_ids = torch.arange(n) // G
+        microbatch_ids = torch.arange(n) // t.sample_batch_size
+        latent = self.model.latent_shape()
+        sample_seeds = [_seed_for(cfg.seed, epoch, 2, i) for i in range(n)]
+        gens = make_generators(sample_seeds)
+        noise = initial_noise(gens, latent)
+        if s.same_noise:
+            noise = noise.view(-1, G, *latent)[:, :1].expand(-1, G, *latent).reshape(n, *latent).clone()
+        plan = RolloutPlan(sigmas=self.sigmas, kernel=s.kernel, noise_level=s.noise_level, window=window,
+                           fork_window_states=self.method.forks_window_states,
+                           completion=cfg.tpgrpo.completion, completion_steps=cfg.tpgrpo.completion_steps,
+                           guidance_scale=s.guidance_scale, logprob=s.logprob, max_batch=t.max_batch)
+        t0 = time.perf_counter()
+        parts = []
+        for lo in range(0, n, t.sample_batch_size):
+            sl = slice(lo, lo + t.sample_batch_size)
+            parts.append(sample_rollout(self.model, plan, self.embed(prompts[sl]), self.uncond.expand(sl.stop - lo),
+                                        noise[sl], gens[sl]))
+        t_rollout = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        final = torch.cat([p.final_latents for p in parts])
+        scores = self.reward_fn(self.model.decode(final), prompts)
+        rewards = torch.as_tensor(scores[self.reward_fn.primary], dtype=torch.float64)
+        fork_rewards = None
+        if self.method.forks_window_states:
+            forks = torch.cat([p.fork_latents for p in parts])  # [N, W, *latent]
+            W = forks.shape[1]
+            fs = self.reward_fn(self.model.decode(forks.flatten(0, 1)), [p for p in prompts for _ in range(W)])
+            fork_rewards = torch.as_tensor(fs[self.reward_fn.primary], dtype=torch.float64).view(n, W)
+        t_score = time.perf_counter() - t0
+        for name, arr in scores.items():
+            if not np.all(np.isfinite(arr)):
+                raise TrainingAborted(f"reward {name!r} returned non-finite scores")
+        t0 = time.perf_counter()
+        credit = self.method.credit(rewards, fork_rewards, group_ids, microbatch_ids, len(window))
+        t_credit = time.perf_counter() - t0
+        batch = EpochBatch(prompts, group_ids, microbatch_ids, window,
+                           torch.cat([p.window_latents for p in parts]), torch.cat([p.log_probs for p in parts]),
+                           credit.advantages.float(), credit.step_weights)
+        info = {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            **{f"{k}_mean": float(np.mean(v)) for k, v in scores.items()},
+            "evaluations_per_sample": sum(p.state_evaluations for p in parts) / n,
+            "time_rollout": t_rollout, "time_score": t_score, "time_credit": t_credit,
+            "window_start": window[0],
+        }
+        if fork_rewards is not None:
+            info["R0_mean"] = float(fork_rewards[:, 0].mean())
+        if "tp" in credit.stats:
+            info["tp"] = credit.stats["tp"]
+            self._last_tp = (credit.stats["R"][:6].numpy(), credit.stats["is_tp"][:6].numpy())
+        return batch, info
+
+    def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds):
+        """log-prob under the current policy (with grad) and the KL to the reference for window step w."""
+        s = self.cfg.sampling
+        i = batch.window[w]
+        x = batch.window_latents[idx, w]
+        x_next = batch.window_latents[idx, w + 1]
+        sig, sig_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        v = self.model.velocity(x, sig, cond, uncond, s.guidance_scale)
+        mean, std = transition(s.kernel, x, v, sig, sig_next, s.noise_level)
+        logp = log_prob(x_next, mean, std, s.logprob)
+        kl = None
+        if self.cfg.training.beta > 0:
+            with torch.no_grad():
+                self.model.transformer.disable_adapters()
+                try:
+                    v_ref = self.model.velocity(x, sig, cond, uncond, s.guidance_scale)
+                finally:
+                    self.model.transformer.enable_adapters()
+                mean_ref, _ = transition(s.kernel, x, v_ref, sig, sig_next, s.noise_level)
+            kl = kl_to_reference(mean, mean_ref, std)
+        return logp, kl
+
+    def optimise(self, batch: EpochBatch, epoch: int) -> dict:
+        """Inner epochs of clipped-policy-gradient updates; one optimizer step per train micro-batch, gradients
+        accumulated over the window steps. Samples with all-zero advantages are dropped."""
+        t = self.cfg.training
+        keep = nonzero_advantage_mask(batch.advantages)
+        kept = torch.nonzero(keep).flatten()
+        info = {"dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
+                "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0, "skipped_updates": 0,
+                "grad_norm": 0.0}
+        W = len(batch.window)
+        n_terms = 0
+        self.model.transformer.train()
+        for inner in range(t.inner_epochs):
+            rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, inner))
+            order = kept[torch.randperm(len(kept), generator=rng)]
+            for lo in range(0, len(order), t.train_batch_size):
+                idx = order[lo:lo + t.train_batch_size]
+                cond = self.embed([batch.prompts[j] for j in idx])
+                uncond = self.uncond.expand(len(idx))
+                self.optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for w in range(W):
+                    logp, kl = self._step_terms(batch, idx, w, cond, uncond)
+                    weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(idx))
+                    loss, li = grpo_step_loss(logp, batch.log_probs[idx, w], batch.advantages[idx, w], t.clip_range,
+                                              kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights)
+                    (loss / W).backward()
+                    total += float(loss) / W
+                    ratio = li["ratio"]
+                    if math.isnan(info["ratio_first"]):
+                        info["ratio_first"] = float(ratio[0])
+                    info["ratio_mean"] += float(ratio.mean())
+                    info["ratio_max_dev"] = max(info["ratio_max_dev"], float((ratio - 1).abs().max()))
+                    info["clipfrac"] += float(li["clipfrac"])
+                    info["kl"] += float(li["kl_loss"])
+                    n_terms += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+                if not (math.isfinite(total) and torch.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.nonfinite_in_row += 1
+                    info["skipped_updates"] += 1
+                    tqdm.write(f"epoch {epoch}: non-finite loss or gradient ({total}, {float(grad_norm)}); update skipped "
+                               f"({self.nonfinite_in_row} in a row)")
+                    if self.nonfinite_in_row >= t.max_nonfinite:
+                        raise TrainingAborted(f"{self.nonfinite_in_row} non-finite updates in a row "
+                                              f"(training.max_nonfinite={t.max_nonfinite}); stopping. Lower training.lr "
+                                              f"or check the reward.")
+                    continue
+                self.nonfinite_in_row = 0
+                self.optimizer.step()
+                self.optimizer_steps += 1
+                if self.optimizer_steps % t.ema_every == 0:
+                    self.ema.update(self.trainable)
+                info["loss"] += total
+                info["grad_norm"] += float(grad_norm)
+        self.model.transformer.eval()
+        n_updates = max(1, math.ceil(len(kept) / t.train_batch_size) * t.inner_epochs)
+        for k in ("loss", "grad_norm"):
+            info[k] /= n_updates
+        for k in ("ratio_mean", "clipfrac", "kl"):
+            info[k] /= max(1, n_terms)
+        return info
+
+    # --- evaluation, checkpoints, logging ---------------------------------------------------------------------
+    def evaluate(self, epoch: int, *, grid: bool = True) -> dict:
+        cfg = self.cfg
+        with self.ema.swapped(self.trainable):
+            res = evaluate(self.model, self.eval_source, self.reward_fn, self.eval_sigmas,
+                           guidance_scale=cfg.sampling.guidance_scale, per_tag=cfg.data.eval_per_tag,
+                           seed=cfg.seed, max_batch=cfg.training.max_batch, embed=self.embed, uncond=self.uncond)
+        if grid:
+            save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
+        return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores")}
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            for k, v in _flatten(record).items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tracker.add_scalar(k, v, record["epoch"])
+            self.tracker.flush()
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir, self.epoch, {
+            "lora": self.lora_state(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "state": {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps,
+                      "nonfinite_in_row": self.nonfinite_in_row}})
+
+    def _restore(self, path: Path) -> None:
+        ck = load_checkpoint(path)
+        params = dict(self.model.transformer.named_parameters())
+        for name, value in ck["lora"].items():
+            if name not in params:
+                raise ValueError(f"{path}: checkpoint parameter {name} does not exist in the model")
+            params[name].data.copy_(value)
+        self.ema.load_state_dict(ck["ema"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        st = ck["state"]
+        self.epoch, self.optimizer_steps, self.nonfinite_in_row = st["epoch"], st["optimizer_steps"], st["nonfinite_in_row"]
+        if self.metrics_path.exists():  # forget records of epochs after the checkpoint
+            lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("epoch", 0) <= self.epoch]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        print(f"resumed from {path} (epoch {self.epoch})")
+
+    def _request_stop(self, signum, frame):
+        self._stop_requested = True
+        tqdm.write(f"received signal {signum}: finishing this epoch, saving a checkpoint and exiting")
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.training
+        old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        summary: dict = {}
+        try:
+            if self.epoch == 0:
+                ev = self.evaluate(0)
+                self.log({"epoch": 0, "eval": ev})
+                summary["eval_before"] = ev
+            bar = tqdm(total=t.epochs, initial=self.epoch, desc=f"{cfg.algorithm}", unit="epoch", dynamic_ncols=True)
+            while self.epoch < t.epochs and not self._stop_requested:
+                epoch = self.epoch + 1
+                t0 = time.perf_counter()
+                batch, info = self.collect(epoch)
+                t1 = time.perf_counter()
+                info.update(self.optimise(batch, epoch))
+                info["time_train"] = time.perf_counter() - t1
+                info["time_epoch"] = time.perf_counter() - t0
+                self.epoch = epoch
+                record = {"epoch": epoch, **info}
+                if epoch % t.eval_every == 0 or epoch == t.epochs:
+                    record["eval"] = self.evaluate(epoch)
+                    summary["eval_after"] = record["eval"]
+                self.log(record)
+                if "tp" in info:
+                    plot_turning_points(self.metrics_path, self._last_tp, self.run_dir / "turning_points.png")
+                plot_reward_curve(self.metrics_path, self.run_dir / "reward_curve.png")
+                if epoch % t.checkpoint_every == 0 or epoch == t.epochs or self._stop_requested:
+                    self.checkpoint()
+                bar.update(1)
+                post = {"reward": f"{info['reward_mean']:.3f}"}
+                if "eval" in record:
+                    post["eval"] = f"{record['eval']['partial']:.3f}/{record['eval']['strict']:.3f}"
+                bar.set_postfix(post)
+            bar.close()
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            if self.tracker is not None:
+                self.tracker.close()
+        summary["epoch"] = self.epoch
+        summary["interrupted"] = self._stop_requested
+        return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                if isinstance(x, (int, float)):
+                    out[f"{key}/{i}"] = x
+        else:
+            out[key] = v
+    return out
