@@ -56,6 +56,7 @@ class Rollout:
     state_evaluations: int = 0              # velocity evaluations of single states (CFG pairs count once)
     model_calls: int = 0                    # batched forward invocations (before chunking)
     fork_paths: list[list[int]] = field(default_factory=list)
+    call_rows: list[int] = field(default_factory=list)  # states per transformer invocation (after chunking)
 
     @property
     def evaluations_per_sample(self) -> float:
@@ -74,12 +75,14 @@ def completion_path(start: int, num_steps: int, completion_steps: int | None) ->
 
 
 def _velocity(model: FlowModel, x: torch.Tensor, sigma: float, cond: PromptEmbeds, uncond: PromptEmbeds | None,
-              guidance_scale: float, max_batch: int) -> torch.Tensor:
+              guidance_scale: float, max_batch: int, call_rows: list[int] | None = None) -> torch.Tensor:
     """Velocities for a batch of states at one σ, in chunks of at most ``max_batch`` states."""
     per_call = max(1, max_batch // (2 if uncond is not None and guidance_scale != 1.0 else 1))
     out = []
     for lo in range(0, x.shape[0], per_call):
         sl = slice(lo, lo + per_call)
+        if call_rows is not None:
+            call_rows.append(min(per_call, x.shape[0] - lo))
         out.append(model.velocity(x[sl], sigma, cond.index(sl), None if uncond is None else uncond.index(sl),
                                   guidance_scale))
     return torch.cat(out)
@@ -110,6 +113,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
     finished: dict[int, torch.Tensor] = {}
     fork_paths: dict[int, list[int]] = {}
     cached_v: dict[int, torch.Tensor] = {}
+    call_rows: list[int] = []
     lockstep = plan.fork_window_states and plan.completion == "lockstep"
 
     for i in range(T):
@@ -117,7 +121,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
         batch_x = torch.cat([x] + [forks[k][0] for k in due])
         batch_c = PromptEmbeds.cat([cond] * (1 + len(due)))
         batch_u = None if uncond is None else PromptEmbeds.cat([uncond] * (1 + len(due)))
-        v_all = _velocity(model, batch_x, sig[i], batch_c, batch_u, plan.guidance_scale, plan.max_batch)
+        v_all = _velocity(model, batch_x, sig[i], batch_c, batch_u, plan.guidance_scale, plan.max_batch, call_rows)
         evals += batch_x.shape[0]
         calls += 1
         v = v_all[:n]
@@ -159,7 +163,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
             lat = x_k
             path = fork_paths[k]
             for a, b in zip(path[:-1], path[1:]):
-                vk = _velocity(model, lat, sig[a], cond, uncond, plan.guidance_scale, plan.max_batch)
+                vk = _velocity(model, lat, sig[a], cond, uncond, plan.guidance_scale, plan.max_batch, call_rows)
                 evals += n
                 calls += 1
                 lat = lat - (sig[a] - sig[b]) * vk
@@ -177,6 +181,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
         state_evaluations=evals,
         model_calls=calls,
         fork_paths=[fork_paths[k] for k in sorted(fork_paths)],
+        call_rows=call_rows,
     )
 
 

@@ -86,6 +86,7 @@ class Trainer:
         self.optimizer_steps = 0
         self.nonfinite_in_row = 0
         self._stop_requested = False
+        self.skip_zero_advantages = True
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             ckpt = find_latest_checkpoint(self.run_dir) if resume is True or resume == "latest" else Path(resume)
@@ -126,8 +127,8 @@ class Trainer:
         start = rng.randint(s.window_start_min, s.window_start_max)
         return prompts, list(range(start, start + s.window_size)), rng
 
-    def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
-        """Sample the epoch's rollouts, score them and turn rewards into per-step advantages."""
+    def epoch_inputs(self, epoch: int):
+        """Prompts (G per group), group and micro-batch ids, window, initial noise and per-sample generators."""
         cfg, s, t = self.cfg, self.cfg.sampling, self.cfg.training
         group_prompts, window, _ = self._epoch_plan(epoch)
         G = t.group_size
@@ -136,21 +137,18 @@ class Trainer:
         group_ids = torch.arange(n) // G
         microbatch_ids = torch.arange(n) // t.sample_batch_size
         latent = self.model.latent_shape()
-        sample_seeds = [_seed_for(cfg.seed, epoch, 2, i) for i in range(n)]
-        gens = make_generators(sample_seeds)
+        gens = make_generators([_seed_for(cfg.seed, epoch, 2, i) for i in range(n)])
         noise = initial_noise(gens, latent)
         if s.same_noise:
             noise = noise.view(-1, G, *latent)[:, :1].expand(-1, G, *latent).reshape(n, *latent).clone()
-        plan = RolloutPlan(sigmas=self.sigmas, kernel=s.kernel, noise_level=s.noise_level, window=window,
-                           fork_window_states=self.method.forks_window_states,
-                           completion=cfg.tpgrpo.completion, completion_steps=cfg.tpgrpo.completion_steps,
-                           guidance_scale=s.guidance_scale, logprob=s.logprob, max_batch=t.max_batch)
+        return prompts, group_ids, microbatch_ids, window, noise, gens
+
+    def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
+        """Sample the epoch's rollouts, score them and turn rewards into per-step advantages."""
+        prompts, group_ids, microbatch_ids, window, noise, gens = self.epoch_inputs(epoch)
+        n = len(prompts)
         t0 = time.perf_counter()
-        parts = []
-        for lo in range(0, n, t.sample_batch_size):
-            sl = slice(lo, lo + t.sample_batch_size)
-            parts.append(sample_rollout(self.model, plan, self.embed(prompts[sl]), self.uncond.expand(sl.stop - lo),
-                                        noise[sl], gens[sl]))
+        parts = self.rollouts(prompts, window, noise, gens)
         t_rollout = time.perf_counter() - t0
         t0 = time.perf_counter()
         final = torch.cat([p.final_latents for p in parts])
@@ -185,6 +183,20 @@ class Trainer:
             info["tp"] = credit.stats["tp"]
             self._last_tp = (credit.stats["R"][:6].numpy(), credit.stats["is_tp"][:6].numpy())
         return batch, info
+
+    def rollout_plan(self, window: list[int], completion: str | None = None) -> RolloutPlan:
+        cfg, s = self.cfg, self.cfg.sampling
+        return RolloutPlan(sigmas=self.sigmas, kernel=s.kernel, noise_level=s.noise_level, window=window,
+                           fork_window_states=self.method.forks_window_states,
+                           completion=completion or cfg.tpgrpo.completion, completion_steps=cfg.tpgrpo.completion_steps,
+                           guidance_scale=s.guidance_scale, logprob=s.logprob, max_batch=cfg.training.max_batch)
+
+    def rollouts(self, prompts: list[str], window: list[int], noise: torch.Tensor, gens, completion: str | None = None):
+        """The epoch's trajectories, one sampling micro-batch (``sample_batch_size``) at a time."""
+        plan = self.rollout_plan(window, completion)
+        mb = self.cfg.training.sample_batch_size
+        return [sample_rollout(self.model, plan, self.embed(prompts[lo:lo + mb]), self.uncond.expand(len(prompts[lo:lo + mb])),
+                               noise[lo:lo + mb], gens[lo:lo + mb]) for lo in range(0, len(prompts), mb)]
 
     def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds):
         """log-prob under the current policy (with grad) and the KL to the reference for window step w."""
@@ -230,12 +242,19 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for w in range(W):
-                    logp, kl = self._step_terms(batch, idx, w, cond, uncond)
-                    weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(idx))
-                    loss, li = grpo_step_loss(logp, batch.log_probs[idx, w], batch.advantages[idx, w], t.clip_range,
+                    rows = torch.arange(len(idx))
+                    if t.beta == 0 and self.skip_zero_advantages:  # exact saving: a zero advantage gives exactly zero loss and gradient
+                        rows = torch.nonzero(batch.advantages[idx, w] != 0).flatten()
+                        if len(rows) == 0:
+                            continue
+                    sub = idx[rows]
+                    logp, kl = self._step_terms(batch, sub, w, cond.index(rows), uncond.index(rows))
+                    weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
+                    loss, li = grpo_step_loss(logp, batch.log_probs[sub, w], batch.advantages[sub, w], t.clip_range,
                                               kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights)
+                    loss = loss * (len(sub) / len(idx))  # the mean over the whole micro-batch
                     (loss / W).backward()
-                    total += float(loss) / W
+                    total += float(loss.detach()) / W
                     ratio = li["ratio"]
                     if math.isnan(info["ratio_first"]):
                         info["ratio_first"] = float(ratio[0])

@@ -1,0 +1,36 @@
+# The two commands of the quick start: `make train` and `make test`. Both create .venv if it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= configs/default.yaml
+
+.PHONY: install train test test-all bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: that exact CPU wheel is served locally; anything else would pull CUDA packages.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test]"
+	@$(PY) -c "import importlib.util, sys; sys.exit('torchvision must not be installed (it breaks diffusers/transformers imports here)' if importlib.util.find_spec('torchvision') else 0)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install
+	$(VENV)/bin/tpgrpo train --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/tpgrpo bench --config $(CONFIG) --out docs/bench.json
+
+clean-venv:
+	rm -rf $(VENV)
