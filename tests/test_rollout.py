@@ -29,7 +29,8 @@ def test_lockstep_uses_55_evaluations_in_10_calls(tiny_model):
     assert ro.evaluations_per_sample == 55
     assert ro.model_calls == 10
     assert ro.fork_latents.shape == (3, 9, 3, 32, 32)
-    assert ro.window_latents.shape == (3, 10, 3, 32, 32)
+    assert ro.window_latents.shape == ro.next_latents.shape == (3, 9, 3, 32, 32)
+    assert torch.equal(ro.window_latents[:, 1:], ro.next_latents[:, :-1])
     assert ro.log_probs.shape == (3, 9) and torch.isfinite(ro.log_probs).all()
 
 
@@ -80,7 +81,7 @@ def test_window_states_and_logprobs_are_consistent(tiny_model):
         x = ro.window_latents[:, w]
         v = tiny_model.velocity(x, float(sig[i]), cond, uncond, 3.0)
         mean, std = transition("cps", x, v, float(sig[i]), float(sig[i + 1]), 0.7)
-        torch.testing.assert_close(log_prob(ro.window_latents[:, w + 1], mean, std), ro.log_probs[:, w])
+        torch.testing.assert_close(log_prob(ro.next_latents[:, w], mean, std), ro.log_probs[:, w])
 
 
 def test_results_do_not_depend_on_batching(tiny_model):

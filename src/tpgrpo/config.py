@@ -56,6 +56,12 @@ class DataConfig(_Section):
 
 class RewardConfig(_Section):
     name: str = "shapes"
+    weights: dict[str, float] = Field(default_factory=dict,
+                                      description="several rewards by name with weights (overrides name)")
+    aggregate: Literal["reward", "advantage"] = "reward"
+
+    def components(self) -> dict[str, float]:
+        return dict(self.weights) if self.weights else {self.name: 1.0}
 
 
 class TrainingConfig(_Section):
@@ -105,8 +111,17 @@ class TPGRPOConfig(_Section):
     completion_steps: int | None = Field(None, ge=1, description="ODE steps for a fork's completion; None = all")
 
 
+class DanceConfig(_Section):
+    timestep_fraction: float = Field(0.6, gt=0, le=1)
+
+
+class TempFlowConfig(_Section):
+    children: int = Field(6, ge=1, description="C: SDE children per branch point")
+    branch_steps: list[int] | None = Field(None, description="branch points (step indices); None = the window")
+
+
 class Config(_Section):
-    algorithm: Literal["tpgrpo", "flow_grpo"] = "tpgrpo"
+    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo"] = "tpgrpo"
     seed: int = 0
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -115,6 +130,17 @@ class Config(_Section):
     reward: RewardConfig = RewardConfig()
     training: TrainingConfig = TrainingConfig()
     tpgrpo: TPGRPOConfig = TPGRPOConfig()
+    dance: DanceConfig = DanceConfig()
+    tempflow: TempFlowConfig = TempFlowConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        steps = self.tempflow.branch_steps
+        if steps is not None:
+            if not steps or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] >= self.sampling.num_steps - 1:
+                raise ValueError(f"tempflow.branch_steps: must be increasing step indices below the final step "
+                                 f"{self.sampling.num_steps - 1}, got {steps}")
+        return self
 
     @property
     def samples_per_epoch(self) -> int:

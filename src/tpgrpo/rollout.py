@@ -33,6 +33,7 @@ class RolloutPlan:
     noise_level: float = 0.7
     window: Sequence[int] = ()           # consecutive step indices with the stochastic kernel (trained)
     fork_window_states: bool = False     # TP-GRPO: ODE-complete the state before each window step
+    branch_children: int = 0             # TempFlow-GRPO: C SDE children per window step; main stays ODE
     completion: str = "lockstep"         # lockstep | sequential
     completion_steps: int | None = None  # ODE steps of a fork's completion (None: every remaining step)
     guidance_scale: float = 1.0
@@ -49,10 +50,14 @@ class Rollout:
     """What one batch of trajectories produced. Window step w is the transition x_{window[w]} → x_{window[w]+1}."""
 
     window: list[int]
-    window_latents: torch.Tensor            # [N, W+1, *latent]: states before each window step, and after the last
-    log_probs: torch.Tensor                 # [N, W] log-probs under the sampling policy
+    window_latents: torch.Tensor            # [N, W, *latent]: main states before each window step
+    next_latents: torch.Tensor              # [N, W, *latent]: main states after each window step
+    log_probs: torch.Tensor                 # [N, W] log-probs of the main transitions under the sampling policy
     final_latents: torch.Tensor             # [N, *latent]
     fork_latents: torch.Tensor | None       # [N, W, *latent]: ODE completion of window state k (k = 0 … W−1)
+    child_next_latents: torch.Tensor | None = None   # [N, W, C, *latent]: children's states after their SDE step
+    child_log_probs: torch.Tensor | None = None      # [N, W, C]
+    child_final_latents: torch.Tensor | None = None  # [N, W, C, *latent]: children finished with the ODE
     state_evaluations: int = 0              # velocity evaluations of single states (CFG pairs count once)
     model_calls: int = 0                    # batched forward invocations (before chunking)
     fork_paths: list[list[int]] = field(default_factory=list)
@@ -92,6 +97,15 @@ def _draw(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torc
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+@dataclass
+class _Fork:
+    """States that continue with the ODE along ``path`` (main-schedule indices; path[0] = current σ index)."""
+
+    lat: torch.Tensor
+    owner: torch.Tensor  # [n_f] index of the sample each state belongs to (for its prompt embedding)
+    path: list[int]
+
+
 @torch.no_grad()
 def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, uncond: PromptEmbeds | None,
                    initial_noise: torch.Tensor, generators: Sequence[torch.Generator]) -> Rollout:
@@ -100,84 +114,103 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
     sig = plan.sigmas.tolist()
     T = plan.num_steps
     window = list(plan.window)
-    if window and (window != list(range(window[0], window[0] + len(window))) or window[-1] >= T - 1):
-        raise ValueError(f"window {window} must be consecutive steps ending before the final step {T - 1}")
+    if window != sorted(set(window)) or (window and (window[0] < 0 or window[-1] >= T - 1)):
+        raise ValueError(f"window {window}: steps must be increasing and end before the final step {T - 1}")
+    if plan.fork_window_states and window != list(range(window[0], window[0] + len(window))):
+        raise ValueError(f"window {window}: TP-GRPO forks need consecutive window steps")
+    C = plan.branch_children
     n = initial_noise.shape[0]
+    shape = tuple(initial_noise.shape[1:])
     x = initial_noise.float().clone()
     w_pos = {step: k for k, step in enumerate(window)}
-    window_latents: list[torch.Tensor] = []
+    window_latents, next_latents = [], []
     log_probs = torch.zeros(n, len(window))
+    child_next = torch.zeros(n, len(window), C, *shape) if C else None
+    child_logp = torch.zeros(n, len(window), C) if C else None
     evals, calls = 0, 0
-    # live forks: origin k → [current latent, remaining path (main indices)]
-    forks: dict[int, list] = {}
+    forks: dict[int, _Fork] = {}           # live forks by key (window position k; children: k + len(window))
     finished: dict[int, torch.Tensor] = {}
     fork_paths: dict[int, list[int]] = {}
-    cached_v: dict[int, torch.Tensor] = {}
+    pending: dict[int, _Fork] = {}         # sequential mode: completions run after the main trajectory
     call_rows: list[int] = []
-    lockstep = plan.fork_window_states and plan.completion == "lockstep"
+    lockstep = plan.completion == "lockstep"
+    everyone = torch.arange(n)
+
+    def advance(key: int, f: _Fork, v: torch.Tensor, i: int) -> None:
+        """ODE step of fork ``f`` from σ_i (= σ_{path[0]}) to σ_{path[1]}."""
+        nxt = f.path[1]
+        f = _Fork(f.lat - (sig[i] - sig[nxt]) * v, f.owner, f.path[1:])
+        if nxt == T:
+            finished[key] = f.lat
+            forks.pop(key, None)
+        else:
+            forks[key] = f
 
     for i in range(T):
-        due = [k for k, (_, path) in forks.items() if path[0] == i]
-        batch_x = torch.cat([x] + [forks[k][0] for k in due])
-        batch_c = PromptEmbeds.cat([cond] * (1 + len(due)))
-        batch_u = None if uncond is None else PromptEmbeds.cat([uncond] * (1 + len(due)))
-        v_all = _velocity(model, batch_x, sig[i], batch_c, batch_u, plan.guidance_scale, plan.max_batch, call_rows)
+        due = [k for k, f in forks.items() if f.path[0] == i]
+        owners = torch.cat([everyone] + [forks[k].owner for k in due])
+        batch_x = torch.cat([x] + [forks[k].lat for k in due])
+        v_all = _velocity(model, batch_x, sig[i], cond.index(owners), None if uncond is None else uncond.index(owners),
+                          plan.guidance_scale, plan.max_batch, call_rows)
         evals += batch_x.shape[0]
         calls += 1
         v = v_all[:n]
-        for j, k in enumerate(due):  # ODE step of each due fork along its path
-            lat, path = forks[k]
-            nxt = path[1]
-            lat = lat - (sig[i] - sig[nxt]) * v_all[n * (j + 1): n * (j + 2)]
-            path = path[1:]
-            if nxt == T:
-                finished[k] = lat
-                del forks[k]
-            else:
-                forks[k] = [lat, path]
-        if i in w_pos:
-            k = w_pos[i]
-            window_latents.append(x)
-            if plan.fork_window_states:
-                path = completion_path(i, T, plan.completion_steps)
-                fork_paths[k] = path
-                if lockstep:  # first step reuses the main trajectory's velocity at x_i
-                    lat = x - (sig[i] - sig[path[1]]) * v
-                    if path[1] == T:
-                        finished[k] = lat
-                    else:
-                        forks[k] = [lat, path[1:]]
-                else:
-                    cached_v[k] = x
-            mean, std = transition(plan.kernel, x, v, sig[i], sig[i + 1], plan.noise_level)
-            x_next = mean + std * _draw(generators, x.shape[1:])
-            log_probs[:, k] = log_prob(x_next, mean, std, plan.logprob)
-            x = x_next
-            if k == len(window) - 1:
-                window_latents.append(x)
-        else:
+        lo = n
+        for k in due:
+            m = forks[k].lat.shape[0]
+            advance(k, forks[k], v_all[lo:lo + m], i)
+            lo += m
+        if i not in w_pos:
             x = x - (sig[i] - sig[i + 1]) * v
+            continue
+        k = w_pos[i]
+        window_latents.append(x)
+        if plan.fork_window_states:  # TP-GRPO: ODE completion of the state before window step k
+            path = completion_path(i, T, plan.completion_steps)
+            fork_paths[k] = path
+            if lockstep:  # the first step reuses the main trajectory's velocity at x_i
+                advance(k, _Fork(x, everyone, path), v, i)
+            else:
+                pending[k] = _Fork(x, everyone, path)
+        if C:  # TempFlow-GRPO: C children leave x_i by one stochastic step, then finish with the ODE
+            owner = everyone.repeat_interleave(C)
+            mean, std = transition(plan.kernel, x[owner], v[owner], sig[i], sig[i + 1], plan.noise_level)
+            nxt = mean + std * _draw([generators[o] for o in owner.tolist()], shape)
+            child_next[:, k] = nxt.view(n, C, *shape)
+            child_logp[:, k] = log_prob(nxt, mean, std, plan.logprob).view(n, C)
+            path = completion_path(i + 1, T, plan.completion_steps)
+            fork_paths[len(window) + k] = path
+            forks[len(window) + k] = _Fork(nxt, owner, path)
+            x = x - (sig[i] - sig[i + 1]) * v  # the main trajectory itself stays on the ODE
+        else:
+            mean, std = transition(plan.kernel, x, v, sig[i], sig[i + 1], plan.noise_level)
+            x = mean + std * _draw(generators, shape)
+            log_probs[:, k] = log_prob(x, mean, std, plan.logprob)
+        next_latents.append(x)
 
-    if plan.fork_window_states and not lockstep:  # one origin state after another (reference behaviour)
-        for k, x_k in cached_v.items():
-            lat = x_k
-            path = fork_paths[k]
-            for a, b in zip(path[:-1], path[1:]):
-                vk = _velocity(model, lat, sig[a], cond, uncond, plan.guidance_scale, plan.max_batch, call_rows)
-                evals += n
-                calls += 1
-                lat = lat - (sig[a] - sig[b]) * vk
-            finished[k] = lat
+    for k, f in pending.items():  # one origin state after another (the reference's behaviour)
+        while f.path[0] != T:
+            i = f.path[0]
+            vk = _velocity(model, f.lat, sig[i], cond.index(f.owner), None if uncond is None else uncond.index(f.owner),
+                           plan.guidance_scale, plan.max_batch, call_rows)
+            evals += f.lat.shape[0]
+            calls += 1
+            advance(k, f, vk, i)
+            f = forks.pop(k, None) or _Fork(finished[k], f.owner, [T])
 
-    fork_latents = None
-    if plan.fork_window_states:
-        fork_latents = torch.stack([finished[k] for k in range(len(window))], dim=1)
+    W = len(window)
+    empty = x.new_zeros((n, 0, *shape))
     return Rollout(
         window=window,
-        window_latents=torch.stack(window_latents, dim=1) if window else x.new_zeros((n, 0, *x.shape[1:])),
+        window_latents=torch.stack(window_latents, dim=1) if W else empty,
+        next_latents=torch.stack(next_latents, dim=1) if W else empty,
         log_probs=log_probs,
         final_latents=x,
-        fork_latents=fork_latents,
+        fork_latents=torch.stack([finished[k] for k in range(W)], dim=1) if plan.fork_window_states else None,
+        child_next_latents=child_next,
+        child_log_probs=child_logp,
+        child_final_latents=(torch.stack([finished[W + k].view(n, C, *shape) for k in range(W)], dim=1)
+                             if C else None),
         state_evaluations=evals,
         model_calls=calls,
         fork_paths=[fork_paths[k] for k in sorted(fork_paths)],

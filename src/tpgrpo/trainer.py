@@ -26,7 +26,7 @@ from .ema import EMA
 from .evaluation import evaluate, save_eval_grid
 from .export import add_lora
 from .loss import grpo_step_loss
-from .methods import build_method
+from .methods import Credit, ScoredRollout, build_method
 from .models import load_model
 from .models.base import PromptEmbeds
 from .plots import plot_reward_curve, plot_turning_points
@@ -50,14 +50,16 @@ def _seed_for(*parts: int) -> int:
 
 @dataclass
 class EpochBatch:
-    prompts: list[str]
-    group_ids: torch.Tensor       # [N]
-    microbatch_ids: torch.Tensor  # [N]
+    """The epoch's trained transitions: M rows (samples, or TempFlow children) × W window steps."""
+
+    prompts: list[str]            # [M]
     window: list[int]
-    window_latents: torch.Tensor  # [N, W+1, *latent]
-    log_probs: torch.Tensor       # [N, W]
-    advantages: torch.Tensor      # [N, W]
-    step_weights: torch.Tensor | None
+    states: torch.Tensor          # [M, W, *latent]  x before each trained transition
+    next_states: torch.Tensor     # [M, W, *latent]  x after it (as sampled)
+    log_probs: torch.Tensor       # [M, W] under the sampling policy
+    advantages: torch.Tensor      # [M, W]
+    step_weights: torch.Tensor | None = None  # [W]
+    train_mask: torch.Tensor | None = None    # [M, W]
 
 
 class Trainer:
@@ -73,7 +75,9 @@ class Trainer:
         self.trainable = [p for p in self.model.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
         self.ema = EMA(self.trainable, cfg.training.ema_decay)
-        self.reward_fn = build_reward(cfg.reward.name)
+        self.reward_weights = cfg.reward.components()
+        self.reward_fns = {name: build_reward(name) for name in self.reward_weights}
+        self.reward_fn = self.reward_fns[next(iter(self.reward_weights))]  # evaluation uses the first
         self.train_source: PromptSource = load_prompt_source(cfg.data.train_prompts, "data.train_prompts")
         self.eval_source: PromptSource = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
         s = cfg.sampling
@@ -131,6 +135,8 @@ class Trainer:
         """Prompts (G per group), group and micro-batch ids, window, initial noise and per-sample generators."""
         cfg, s, t = self.cfg, self.cfg.sampling, self.cfg.training
         group_prompts, window, _ = self._epoch_plan(epoch)
+        if self.cfg.algorithm == "tempflow_grpo" and self.cfg.tempflow.branch_steps is not None:
+            window = list(self.cfg.tempflow.branch_steps)
         G = t.group_size
         prompts = [p for p in group_prompts for _ in range(G)]
         n = len(prompts)
@@ -150,46 +156,91 @@ class Trainer:
         t0 = time.perf_counter()
         parts = self.rollouts(prompts, window, noise, gens)
         t_rollout = time.perf_counter() - t0
+
+        def cat(name):
+            return torch.cat([getattr(p, name) for p in parts])
+
         t0 = time.perf_counter()
-        final = torch.cat([p.final_latents for p in parts])
-        scores = self.reward_fn(self.model.decode(final), prompts)
-        rewards = torch.as_tensor(scores[self.reward_fn.primary], dtype=torch.float64)
-        fork_rewards = None
-        if self.method.forks_window_states:
-            forks = torch.cat([p.fork_latents for p in parts])  # [N, W, *latent]
-            W = forks.shape[1]
-            fs = self.reward_fn(self.model.decode(forks.flatten(0, 1)), [p for p in prompts for _ in range(W)])
-            fork_rewards = torch.as_tensor(fs[self.reward_fn.primary], dtype=torch.float64).view(n, W)
+        main = self.score(cat("final_latents"), prompts)
+        main_scores = dict(self._last_scores)
+        forks = self.score(cat("fork_latents"), prompts) if self.method.engine_options.get("fork_window_states") else None
+        children = (self.score(cat("child_final_latents"), prompts)
+                    if self.method.engine_options.get("branch_children") else None)
         t_score = time.perf_counter() - t0
-        for name, arr in scores.items():
-            if not np.all(np.isfinite(arr)):
-                raise TrainingAborted(f"reward {name!r} returned non-finite scores")
         t0 = time.perf_counter()
-        credit = self.method.credit(rewards, fork_rewards, group_ids, microbatch_ids, len(window))
+        scored = {name: ScoredRollout(main[name], None if forks is None else forks[name],
+                                      None if children is None else children[name]) for name in self.reward_weights}
+        rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 4))
+        credit = self.credit(scored, group_ids, microbatch_ids, window, rng)
         t_credit = time.perf_counter() - t0
-        batch = EpochBatch(prompts, group_ids, microbatch_ids, window,
-                           torch.cat([p.window_latents for p in parts]), torch.cat([p.log_probs for p in parts]),
-                           credit.advantages.float(), credit.step_weights)
+        if self.method.rows == "children":
+            C = cat("child_log_probs").shape[-1]
+            states = cat("window_latents").repeat_interleave(C, 0)
+            next_states = cat("child_next_latents").transpose(1, 2).flatten(0, 1)
+            log_probs = cat("child_log_probs").transpose(1, 2).flatten(0, 1)
+            row_prompts = [p for p in prompts for _ in range(C)]
+        else:
+            states, next_states, log_probs, row_prompts = (cat("window_latents"), cat("next_latents"),
+                                                           cat("log_probs"), prompts)
+        batch = EpochBatch(row_prompts, window, states, next_states, log_probs, credit.advantages.float(),
+                           credit.step_weights, credit.train_mask)
+        combined = sum(w * main[k] for k, w in self.reward_weights.items())
         info = {
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-            **{f"{k}_mean": float(np.mean(v)) for k, v in scores.items()},
+            "reward_mean": float(combined.mean()), "reward_std": float(combined.std(unbiased=False)),
+            **{f"{k}_mean": float(v.mean()) for k, v in main_scores.items()},
             "evaluations_per_sample": sum(p.state_evaluations for p in parts) / n,
             "time_rollout": t_rollout, "time_score": t_score, "time_credit": t_credit,
             "window_start": window[0],
         }
-        if fork_rewards is not None:
-            info["R0_mean"] = float(fork_rewards[:, 0].mean())
+        if forks is not None:
+            info["R0_mean"] = float(sum(w * forks[k][:, 0] for k, w in self.reward_weights.items()).mean())
         if "tp" in credit.stats:
             info["tp"] = credit.stats["tp"]
             self._last_tp = (credit.stats["R"][:6].numpy(), credit.stats["is_tp"][:6].numpy())
         return batch, info
 
+    def score(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Primary score of every configured reward for latents [N, ...extra dims..., *latent] (prompt per N)."""
+        extra = latents.shape[1:latents.ndim - len(self.model.latent_shape())]
+        reps = int(np.prod(extra)) if extra else 1
+        images = self.model.decode(latents.flatten(0, len(extra)))
+        flat_prompts = [p for p in prompts for _ in range(reps)]
+        out = {}
+        self._last_scores = {}
+        for name, fn in self.reward_fns.items():
+            scores = fn(images, flat_prompts)
+            for k, v in scores.items():
+                if not np.all(np.isfinite(v)):
+                    raise TrainingAborted(f"reward {k!r} returned non-finite scores")
+                self._last_scores[k] = v
+            out[name] = torch.as_tensor(scores[fn.primary], dtype=torch.float64).view(len(prompts), *extra)
+        return out
+
+    def credit(self, scored: dict[str, ScoredRollout], group_ids, microbatch_ids, window, rng) -> Credit:
+        """Reward-level aggregation (weighted sum of rewards, then one credit) or advantage-level aggregation
+        (credit per reward, weighted sum of advantages — DanceGRPO's rule)."""
+        w = self.reward_weights
+        if self.cfg.reward.aggregate == "reward" or len(w) == 1:
+            def mix(field):
+                parts = [getattr(scored[k], field) for k in w]
+                return None if parts[0] is None else sum(wk * p for wk, p in zip(w.values(), parts))
+            return self.method.credit(ScoredRollout(mix("rewards"), mix("fork_rewards"), mix("child_rewards")),
+                                      group_ids, microbatch_ids, window, rng)
+        state = rng.get_state()
+        credits = []
+        for k in w:
+            rng.set_state(state)  # every reward sees the same random choices (e.g. DanceGRPO's trained steps)
+            credits.append(self.method.credit(scored[k], group_ids, microbatch_ids, window, rng))
+        first = credits[0]
+        adv = sum(wk * c.advantages for wk, c in zip(w.values(), credits))
+        return Credit(adv, first.step_weights, first.train_mask, first.stats)
+
     def rollout_plan(self, window: list[int], completion: str | None = None) -> RolloutPlan:
         cfg, s = self.cfg, self.cfg.sampling
         return RolloutPlan(sigmas=self.sigmas, kernel=s.kernel, noise_level=s.noise_level, window=window,
-                           fork_window_states=self.method.forks_window_states,
                            completion=completion or cfg.tpgrpo.completion, completion_steps=cfg.tpgrpo.completion_steps,
-                           guidance_scale=s.guidance_scale, logprob=s.logprob, max_batch=cfg.training.max_batch)
+                           guidance_scale=s.guidance_scale, logprob=s.logprob, max_batch=cfg.training.max_batch,
+                           **self.method.engine_options)
 
     def rollouts(self, prompts: list[str], window: list[int], noise: torch.Tensor, gens, completion: str | None = None):
         """The epoch's trajectories, one sampling micro-batch (``sample_batch_size``) at a time."""
@@ -202,8 +253,8 @@ class Trainer:
         """log-prob under the current policy (with grad) and the KL to the reference for window step w."""
         s = self.cfg.sampling
         i = batch.window[w]
-        x = batch.window_latents[idx, w]
-        x_next = batch.window_latents[idx, w + 1]
+        x = batch.states[idx, w]
+        x_next = batch.next_states[idx, w]
         sig, sig_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         v = self.model.velocity(x, sig, cond, uncond, s.guidance_scale)
         mean, std = transition(s.kernel, x, v, sig, sig_next, s.noise_level)
@@ -224,7 +275,8 @@ class Trainer:
         """Inner epochs of clipped-policy-gradient updates; one optimizer step per train micro-batch, gradients
         accumulated over the window steps. Samples with all-zero advantages are dropped."""
         t = self.cfg.training
-        keep = nonzero_advantage_mask(batch.advantages)
+        adv = batch.advantages if batch.train_mask is None else batch.advantages * batch.train_mask
+        keep = nonzero_advantage_mask(adv) if t.beta == 0 else torch.ones(len(adv), dtype=torch.bool)
         kept = torch.nonzero(keep).flatten()
         info = {"dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
                 "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0, "skipped_updates": 0,
@@ -242,11 +294,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for w in range(W):
-                    rows = torch.arange(len(idx))
-                    if t.beta == 0 and self.skip_zero_advantages:  # exact saving: a zero advantage gives exactly zero loss and gradient
-                        rows = torch.nonzero(batch.advantages[idx, w] != 0).flatten()
-                        if len(rows) == 0:
-                            continue
+                    active = torch.ones(len(idx), dtype=torch.bool)
+                    if batch.train_mask is not None:
+                        active &= batch.train_mask[idx, w]
+                    if t.beta == 0 and self.skip_zero_advantages:  # exact: zero advantage → zero loss and gradient
+                        active &= batch.advantages[idx, w] != 0
+                    rows = torch.nonzero(active).flatten()
+                    if len(rows) == 0:
+                        continue
                     sub = idx[rows]
                     logp, kl = self._step_terms(batch, sub, w, cond.index(rows), uncond.index(rows))
                     weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))

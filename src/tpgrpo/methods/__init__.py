@@ -1,11 +1,14 @@
 """The GRPO-family methods on one engine. A method decides which states are forked and how rewards become
 per-step advantages; everything else (rollouts, loss, optimisation) is shared (DESIGN §3)."""
 
-from .base import Credit, Method
+from .base import Credit, Method, ScoredRollout
+from .dance_grpo import DanceGRPO
 from .flow_grpo import FlowGRPO
+from .tempflow_grpo import TempFlowGRPO
 from .tp_grpo import TPGRPO
 
-METHODS: dict[str, type] = {"flow_grpo": FlowGRPO, "tpgrpo": TPGRPO}
+METHODS: dict[str, type] = {"tpgrpo": TPGRPO, "flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO,
+                            "tempflow_grpo": TempFlowGRPO}
 
 
 def build_method(name: str, cfg) -> Method:
@@ -14,4 +17,4 @@ def build_method(name: str, cfg) -> Method:
     return METHODS[name](cfg)
 
 
-__all__ = ["Credit", "Method", "METHODS", "build_method"]
+__all__ = ["Credit", "Method", "METHODS", "ScoredRollout", "build_method"]

@@ -3,19 +3,18 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..advantages import group_advantages
-from .base import Credit
+from .base import Credit, ScoredRollout
 
 
 class FlowGRPO:
     name = "flow_grpo"
-    forks_window_states = False
+    engine_options: dict = {}
+    rows = "samples"
 
     def __init__(self, cfg):
         self.global_std = cfg.training.global_std
 
-    def credit(self, rewards, fork_rewards, group_ids, microbatch_ids, window_size) -> Credit:
-        adv = group_advantages(rewards, group_ids, std="global" if self.global_std else "group")
-        return Credit(adv[:, None].expand(-1, window_size).contiguous())
+    def credit(self, scored: ScoredRollout, group_ids, microbatch_ids, window, rng) -> Credit:
+        adv = group_advantages(scored.rewards, group_ids, std="global" if self.global_std else "group")
+        return Credit(adv[:, None].expand(-1, len(window)).float().contiguous())

@@ -12,19 +12,20 @@ import torch
 
 from ..advantages import group_advantages
 from ..credit import balance_turning_points, incremental_and_aggregated, turning_point_rewards, turning_point_stats
-from .base import Credit
+from .base import Credit, ScoredRollout
 
 
 class TPGRPO:
     name = "tpgrpo"
-    forks_window_states = True
+    engine_options = {"fork_window_states": True}
+    rows = "samples"
 
     def __init__(self, cfg):
         self.opts = cfg.tpgrpo
 
-    def credit(self, rewards, fork_rewards, group_ids, microbatch_ids, window_size) -> Credit:
+    def credit(self, scored: ScoredRollout, group_ids, microbatch_ids, window, rng) -> Credit:
         o = self.opts
-        R = torch.cat([fork_rewards, rewards[:, None]], dim=1).double()  # [N, W+1]: R_0 … R_W
+        R = torch.cat([scored.fork_rewards, scored.rewards[:, None]], dim=1).double()  # [N, W+1]: R_0 … R_W
         r, g = incremental_and_aggregated(R)
         step_rewards, is_tp = turning_point_rewards(R, consistent=o.consistent, first_step=o.first_step)
         balanced, is_tp_kept = step_rewards, is_tp
