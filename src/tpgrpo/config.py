@@ -95,9 +95,6 @@ class TrainingConfig(_Section):
         if n % self.sample_batch_size:
             raise ValueError(f"sample_batch_size: {self.sample_batch_size} does not divide the "
                              f"{n} samples of an epoch (prompts_per_epoch × group_size)")
-        if n % self.train_batch_size:
-            raise ValueError(f"train_batch_size: {self.train_batch_size} does not divide the "
-                             f"{n} samples of an epoch (prompts_per_epoch × group_size)")
         return self
 
 
@@ -135,6 +132,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        t = self.training
+        rows = self.samples_per_epoch * (self.tempflow.children if self.algorithm == "tempflow_grpo" else 1)
+        if rows % t.train_batch_size:
+            what = "children" if self.algorithm == "tempflow_grpo" else "samples"
+            raise ValueError(f"training.train_batch_size: {t.train_batch_size} does not divide the {rows} trained "
+                             f"{what} of an epoch")
         steps = self.tempflow.branch_steps
         if steps is not None:
             if not steps or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] >= self.sampling.num_steps - 1:
@@ -182,6 +185,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; numbers are meant
+            try:
+                value = int(value) if value.lstrip("+-").isdigit() else float(value)
+            except ValueError:
+                pass
         out.append((key.strip(), value))
     return out
 

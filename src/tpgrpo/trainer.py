@@ -80,6 +80,8 @@ class Trainer:
         self.reward_fn = self.reward_fns[next(iter(self.reward_weights))]  # evaluation uses the first
         self.train_source: PromptSource = load_prompt_source(cfg.data.train_prompts, "data.train_prompts")
         self.eval_source: PromptSource = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
+        for field, src in (("data.train_prompts", self.train_source), ("data.eval_prompts", self.eval_source)):
+            self._validate_prompts(field, src)
         s = cfg.sampling
         self.sigmas = sigma_schedule(s.num_steps, s.shift)
         self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift)
@@ -109,6 +111,17 @@ class Trainer:
     # --- setup ------------------------------------------------------------------------------------------------
     def _add_lora(self) -> None:
         add_lora(self.model, self.cfg.training.lora_rank, self.cfg.training.lora_alpha)
+
+    def _validate_prompts(self, field: str, source: PromptSource) -> None:
+        """Fail before training, with one line naming the file, if a prompt cannot be embedded or scored."""
+        texts = [t for t, _ in source.prompts]
+        checks = [getattr(self.model, "validate_prompts", None)] + [getattr(fn, "validate_prompts", None)
+                                                                  for fn in self.reward_fns.values()]
+        for check in filter(None, checks):
+            try:
+                check(texts)
+            except ValueError as e:
+                raise ValueError(f"{field}: {source.name}: {e}") from None
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.transformer.named_parameters() if p.requires_grad}

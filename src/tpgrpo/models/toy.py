@@ -112,6 +112,10 @@ class ShapesModel(nn.Module):
         hidden, pooled = self.text_encoder(ids)
         return PromptEmbeds(hidden.float(), pooled.float())
 
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise ValueError for a prompt the tokenizer cannot take."""
+        self.tokenizer(list(prompts))
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()

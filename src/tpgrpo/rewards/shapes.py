@@ -15,6 +15,12 @@ from .base import register_reward
 class ShapesReward:
     primary = "shapes_partial"
 
+    @staticmethod
+    def validate_prompts(prompts: Sequence[str]) -> None:
+        """Raise ValueError for a prompt outside the shapes grammar (the scorer could not score it)."""
+        for p in prompts:
+            parse_prompt(p)
+
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata=None) -> dict[str, np.ndarray]:
         if len(images) != len(prompts):
             raise ValueError(f"shapes reward: {len(images)} images but {len(prompts)} prompts")

@@ -1,10 +1,13 @@
 """Detector and GenEval-style scorer of the shapes world (DESIGN §6).
 
 Detection: each pixel takes the nearest of the background and palette colours (RGB distance); per colour, 8-connected
-components above a minimum area are objects. A component's shape is the template (circle / square / triangle, drawn
-into the component's own bounding box) with the highest IoU against the component's hole-filled mask — robust to
-ragged edges where a bounding-box fill ratio alone is not. Components that are too large, too elongated or match no
-template well are "blob"s: they count for no clause (e.g. two objects merged into one).
+components above a minimum area are objects. A component whose pixels lie on average farther than MAX_COLOR_DIST from
+its palette colour is noise and ignored (random pixels are all nearest to *some* colour). A component's shape is the
+template (circle / square / triangle) with the highest IoU against the component's hole-filled mask, each template
+drawn into every box whose sides lie within ±FIT_SLACK pixels of the component's bounding box (a stray edge pixel
+moves the bounding box, not the object), comparing only pixels on the canvas (an object cut by the border still
+matches) — robust to ragged edges where a bounding-box fill ratio alone is not. Components that are too large, too
+elongated or match no template well are "blob"s: they count for no clause (e.g. two objects merged into one).
 
 Scoring (per prompt clause, exact counts — see grammar.py):
   count credit  = max(0, 1 − |n − n_found| / n)        over detected objects of the clause's shape
@@ -17,6 +20,7 @@ Scoring (per prompt clause, exact counts — see grammar.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -28,6 +32,9 @@ MIN_AREA = 15              # pixels; smaller components are noise
 MAX_SIDE = int(OBJECT_SIZE * 1.5)
 MAX_ASPECT = 1.6
 MIN_IOU = 0.6              # a component must match a template at least this well to get a shape
+FIT_SLACK = 1              # a template's box sides may lie this many pixels inside/outside the component's bbox
+MAX_COLOR_DIST = 60.0      # mean RGB distance of a component's pixels to its palette colour; farther = noise, not an
+                           # object (about half the smallest distance between two palette colours, 121)
 POSITION_MARGIN = 2.0      # pixels between centres for a relation to hold
 _SHAPES = ("circle", "square", "triangle")
 _COLOR_TABLE = np.array([BACKGROUND] + [PALETTE[c] for c in COLORS], dtype=np.float32)  # index 0 = background
@@ -53,33 +60,68 @@ def classify_pixels(image: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
-def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
+@lru_cache(maxsize=None)
+def _template_bank(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every template whose box sides lie within ±FIT_SLACK of an h×w bounding box, drawn into the padded
+    (h + 2s)×(w + 2s) frame: (shape index of each row [K], flattened masks [K, (h + 2s)(w + 2s)] float32)."""
+    s = FIT_SLACK
+    H, W = h + 2 * s, w + 2 * s
+    index, masks = [], []
+    for top in range(2 * s + 1):
+        for bottom in range(H - 2 * s, H + 1):
+            for left in range(2 * s + 1):
+                for right in range(W - 2 * s, W + 1):
+                    if bottom - top < 2 or right - left < 2:
+                        continue
+                    for si, shape in enumerate(_SHAPES):
+                        t = np.zeros((H, W), dtype=np.float32)
+                        t[top:bottom, left:right] = shape_mask(shape, right - left, bottom - top)
+                        index.append(si)
+                        masks.append(t.ravel())
+    return np.array(index), np.stack(masks)
+
+
+def _classify_shape(mask: np.ndarray, inside: np.ndarray | None = None) -> tuple[str, float]:
+    """Shape and best IoU of a component's mask; ``inside`` marks which cells of the FIT_SLACK-padded frame lie
+    on the canvas (None: all)."""
     h, w = mask.shape
     if h > MAX_SIDE or w > MAX_SIDE or max(h, w) > MAX_ASPECT * min(h, w):
         return "blob", 0.0
+    index, bank = _template_bank(h, w)
+    m = np.pad(mask, FIT_SLACK).ravel().astype(np.float32)
+    inter = bank @ m
+    t_area = bank.sum(1) if inside is None else bank @ inside.ravel().astype(np.float32)
+    iou = inter / np.maximum(t_area + m.sum() - inter, 1.0)
     best, best_iou = "blob", 0.0
-    for shape in _SHAPES:
-        t = shape_mask(shape, w, h)
-        iou = float((t & mask).sum() / max((t | mask).sum(), 1))
-        if iou > best_iou:
-            best, best_iou = shape, iou
+    for si, shape in enumerate(_SHAPES):
+        v = float(iou[index == si].max())
+        if v > best_iou:
+            best, best_iou = shape, v
     return (best if best_iou >= MIN_IOU else "blob"), best_iou
 
 
 def detect(image: np.ndarray) -> list[Detection]:
     """All objects in a uint8 RGB image, largest first."""
     labels = classify_pixels(image)
+    pixels = np.asarray(image, dtype=np.float32)
     found: list[Detection] = []
     for ci, color in enumerate(COLORS, start=1):
         comp, n = ndimage.label(labels == ci, structure=_EIGHT)
         if n == 0:
             continue
         for k, sl in enumerate(ndimage.find_objects(comp), start=1):
-            mask = ndimage.binary_fill_holes(comp[sl] == k)
+            raw = comp[sl] == k
+            mask = ndimage.binary_fill_holes(raw)
             area = int(mask.sum())
             if area < MIN_AREA:
                 continue
-            shape, iou = _classify_shape(mask)
+            if np.sqrt(((pixels[sl][raw] - _COLOR_TABLE[ci]) ** 2).sum(-1)).mean() > MAX_COLOR_DIST:
+                continue  # pixels merely nearest to a palette colour (noise), not painted in it
+            rows = np.arange(sl[0].start - FIT_SLACK, sl[0].stop + FIT_SLACK)
+            cols = np.arange(sl[1].start - FIT_SLACK, sl[1].stop + FIT_SLACK)
+            inside = (((rows >= 0) & (rows < labels.shape[0]))[:, None]
+                      & ((cols >= 0) & (cols < labels.shape[1]))[None, :])
+            shape, iou = _classify_shape(mask, inside)
             ys, xs = np.nonzero(mask)
             center = (float(xs.mean() + sl[1].start + 0.5), float(ys.mean() + sl[0].start + 0.5))
             bbox = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
