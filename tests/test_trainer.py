@@ -59,7 +59,12 @@ def test_run_directory_artefacts(tiny_model_path, tmp_path):
     for name in ["config.yaml", "metrics.jsonl", "reward_curve.png", "turning_points.png", "eval/epoch_0000.png",
                  "eval/epoch_0002.png", "checkpoints/latest", "checkpoints/epoch_000002/COMPLETE"]:
         assert (tmp_path / name).exists(), name
-    assert list((tmp_path / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"reward_mean", "eval/partial", "time_rollout"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]
     recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "eval" in recs[0] and "eval" in recs[-1]
     # T = 4, window of 2 starting at 0 (forks from x0, x1: 3 + 2 extra) or at 1 (forks from x1, x2: 2 + 1)

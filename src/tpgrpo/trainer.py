@@ -103,10 +103,13 @@ class Trainer:
             self.metrics_path.unlink()
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.tracker = None
-        if log_trackers:
-            from torch.utils.tensorboard import SummaryWriter
+        if log_trackers:  # tensorboard through accelerate's trackers
+            from accelerate import Accelerator
 
-            self.tracker = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tracker = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard",
+                                       project_dir=str(self.run_dir))
+            flat = {k: v for k, v in _flatten(cfg.model_dump()).items() if isinstance(v, (int, float, str, bool))}
+            self.tracker.init_trackers("tensorboard", config=flat)
 
     # --- setup ------------------------------------------------------------------------------------------------
     def _add_lora(self) -> None:
@@ -373,10 +376,9 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tracker is not None:
-            for k, v in _flatten(record).items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tracker.add_scalar(k, v, record["epoch"])
-            self.tracker.flush()
+            values = {k: v for k, v in _flatten(record).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "epoch"}
+            self.tracker.log(values, step=record["epoch"])
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run_dir, self.epoch, {
@@ -445,7 +447,7 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             if self.tracker is not None:
-                self.tracker.close()
+                self.tracker.end_training()
         summary["epoch"] = self.epoch
         summary["interrupted"] = self._stop_requested
         return summary
