@@ -1,4 +1,4 @@
-"""Command line: ``tpgrpo train | eval | bench | pretrain-shapes``.
+"""Command line: ``tpgrpo train | eval | bench | serve-reward | pretrain-shapes``.
 
 Configuration errors and bad input print one line naming the field or file and exit with code 2 (no traceback).
 """
@@ -39,11 +39,11 @@ def cmd_train(args) -> int:
 
     try:
         trainer = Trainer(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     try:
         summary = trainer.train()
-    except TrainingAborted as e:
+    except (TrainingAborted, RuntimeError) as e:  # e.g. a reward server that went down mid-run
         _fail(str(e), 1)
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
@@ -66,8 +66,9 @@ def cmd_eval(args) -> int:
     try:
         model = load_model(cfg.model)
         source = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
-        reward = build_reward(cfg.reward.name)
-    except (ValueError, FileNotFoundError) as e:
+        name = next(iter(cfg.reward.components()))
+        reward = build_reward(name, **cfg.reward.options.get(name, {}))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     if args.lora:
         from .export import load_lora_into
@@ -76,7 +77,7 @@ def cmd_eval(args) -> int:
     sig = sigma_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift)
     with torch.no_grad():
         res = evaluate(model, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
-                       per_tag=cfg.data.eval_per_tag, seed=cfg.seed)
+                       per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed)
     out = {k: v for k, v in res.items() if k in ("strict", "partial", "per_tag", "n")}
     print(json.dumps(out, indent=2))
     if args.grid:
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(fn=cmd_bench)
+
+    from .reward_server import add_serve_reward_parser
+
+    add_serve_reward_parser(sub)
 
     p = sub.add_parser("pretrain-shapes", help="pretrain the built-in shapes base model (resumable)")
     p.add_argument("--out", default="pretrain")

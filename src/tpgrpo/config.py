@@ -20,8 +20,21 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    kind: Literal["shapes"] = "shapes"
-    path: str | None = None  # weights file or directory; None = the built-in shapes base model
+    kind: Literal["shapes", "sd3", "flux"] = "shapes"
+    path: str | None = None  # shapes: weights file (None = built-in); sd3/flux: hub id or local diffusers directory
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="sd3/flux: weight dtype of the frozen components and autocast dtype; latents and step "
+                            "math stay fp32")
+    resolution: int | None = Field(None, ge=16, description="sd3/flux image size in pixels (None: the pipeline's "
+                                                            "default)")
+    device: str | None = Field(None, description="sd3/flux: torch device (None: cuda:LOCAL_RANK if available, "
+                                                 "else cpu)")
+    max_sequence_length: int | None = Field(None, ge=1, description="sd3/flux T5 tokens (None: pipeline default, "
+                                                                    "256 SD3 / 512 FLUX)")
+    gradient_checkpointing: bool = False
+    full_finetune: bool = Field(False, description="train every transformer weight (no LoRA); the KL reference is "
+                                                   "a frozen copy")
+    lora_target_modules: list[str] | None = Field(None, description="override the model's LoRA target modules")
 
 
 class SamplingConfig(_Section):
@@ -52,6 +65,7 @@ class DataConfig(_Section):
     train_prompts: str = "shapes:train"  # "shapes:train" | "shapes:test" | path to a text file (one prompt a line)
     eval_prompts: str = "shapes:test"
     eval_per_tag: int = Field(16, ge=1)
+    eval_seed: int = Field(0, description="fixes the evaluation set (prompts and noise), independent of the run seed")
 
 
 class RewardConfig(_Section):
@@ -59,6 +73,8 @@ class RewardConfig(_Section):
     weights: dict[str, float] = Field(default_factory=dict,
                                       description="several rewards by name with weights (overrides name)")
     aggregate: Literal["reward", "advantage"] = "reward"
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                               description="constructor options per reward name, e.g. {ocr: {psm: 7}}")
 
     def components(self) -> dict[str, float]:
         return dict(self.weights) if self.weights else {self.name: 1.0}
@@ -185,7 +201,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; numbers are meant
+        if isinstance(value, str) and raw.strip()[:1] not in ("'", "\""):  # YAML 1.1 reads "1e-3" as a string
             try:
                 value = int(value) if value.lstrip("+-").isdigit() else float(value)
             except ValueError:

@@ -76,7 +76,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
         self.ema = EMA(self.trainable, cfg.training.ema_decay)
         self.reward_weights = cfg.reward.components()
-        self.reward_fns = {name: build_reward(name) for name in self.reward_weights}
+        self.reward_fns = {name: build_reward(name, **cfg.reward.options.get(name, {})) for name in self.reward_weights}
         self.reward_fn = self.reward_fns[next(iter(self.reward_weights))]  # evaluation uses the first
         self.train_source: PromptSource = load_prompt_source(cfg.data.train_prompts, "data.train_prompts")
         self.eval_source: PromptSource = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
@@ -367,7 +367,7 @@ class Trainer:
         with self.ema.swapped(self.trainable):
             res = evaluate(self.model, self.eval_source, self.reward_fn, self.eval_sigmas,
                            guidance_scale=cfg.sampling.guidance_scale, per_tag=cfg.data.eval_per_tag,
-                           seed=cfg.seed, max_batch=cfg.training.max_batch, embed=self.embed, uncond=self.uncond)
+                           seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed, uncond=self.uncond)
         if grid:
             save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
         return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores")}
