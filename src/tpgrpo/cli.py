@@ -1,4 +1,4 @@
-"""Command line: ``tpgrpo train | eval | bench | serve-reward | pretrain-shapes``.
+"""Command line: ``tpgrpo train | eval | bench | serve-reward | export-lora | pretrain-shapes``.
 
 Configuration errors and bad input print one line naming the field or file and exit with code 2 (no traceback).
 """
@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(fn=cmd_bench)
 
+    from .export import add_export_lora_parser
     from .reward_server import add_serve_reward_parser
 
     add_serve_reward_parser(sub)
+    add_export_lora_parser(sub)
 
     p = sub.add_parser("pretrain-shapes", help="pretrain the built-in shapes base model (resumable)")
     p.add_argument("--out", default="pretrain")

@@ -24,7 +24,7 @@ from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, dump_config
 from .ema import EMA
 from .evaluation import evaluate, save_eval_grid
-from .export import add_lora
+from .export import add_lora, make_reference, prepare_full_finetune
 from .loss import grpo_step_loss
 from .methods import Credit, ScoredRollout, build_method
 from .models import load_model
@@ -71,7 +71,14 @@ class Trainer:
         self.model = load_model(cfg.model)
         self.model.requires_grad_(False)
         self.model.eval()
-        self._add_lora()
+        self.velocity_ref = None
+        if cfg.model.full_finetune:
+            if cfg.training.beta > 0:  # a frozen copy of the base transformer, taken before any update
+                self.velocity_ref = make_reference(self.model)
+            prepare_full_finetune(self.model)
+        else:
+            self._add_lora()
+            self.velocity_ref = make_reference(self.model)  # LoRA: the base model is the adapters switched off
         self.trainable = [p for p in self.model.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
         self.ema = EMA(self.trainable, cfg.training.ema_decay)
@@ -83,11 +90,12 @@ class Trainer:
         for field, src in (("data.train_prompts", self.train_source), ("data.eval_prompts", self.eval_source)):
             self._validate_prompts(field, src)
         s = cfg.sampling
-        self.sigmas = sigma_schedule(s.num_steps, s.shift)
-        self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift)
+        mu = self.model.schedule_mu() if hasattr(self.model, "schedule_mu") else None  # FLUX: resolution shift
+        self.sigmas = sigma_schedule(s.num_steps, s.shift, mu=mu)
+        self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift, mu=mu)
         self.method = build_method(cfg.algorithm, cfg)
         self._embed_cache: dict[str, PromptEmbeds] = {}
-        self.uncond = self.embed([""])
+        self.uncond = self.embed([""]) if getattr(self.model, "uses_cfg", True) else None
         self.epoch = 0
         self.optimizer_steps = 0
         self.nonfinite_in_row = 0
@@ -128,6 +136,10 @@ class Trainer:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.transformer.named_parameters() if p.requires_grad}
+
+    def uncond_for(self, n: int) -> PromptEmbeds | None:
+        """The unconditional embedding for n samples (None for guidance-distilled models without CFG)."""
+        return None if self.uncond is None else self.uncond.expand(n)
 
     def embed(self, prompts: list[str]) -> PromptEmbeds:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
@@ -262,7 +274,7 @@ class Trainer:
         """The epoch's trajectories, one sampling micro-batch (``sample_batch_size``) at a time."""
         plan = self.rollout_plan(window, completion)
         mb = self.cfg.training.sample_batch_size
-        return [sample_rollout(self.model, plan, self.embed(prompts[lo:lo + mb]), self.uncond.expand(len(prompts[lo:lo + mb])),
+        return [sample_rollout(self.model, plan, self.embed(prompts[lo:lo + mb]), self.uncond_for(len(prompts[lo:lo + mb])),
                                noise[lo:lo + mb], gens[lo:lo + mb]) for lo in range(0, len(prompts), mb)]
 
     def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds):
@@ -278,11 +290,7 @@ class Trainer:
         kl = None
         if self.cfg.training.beta > 0:
             with torch.no_grad():
-                self.model.transformer.disable_adapters()
-                try:
-                    v_ref = self.model.velocity(x, sig, cond, uncond, s.guidance_scale)
-                finally:
-                    self.model.transformer.enable_adapters()
+                v_ref = self.velocity_ref(x, sig, cond, uncond, s.guidance_scale)
                 mean_ref, _ = transition(s.kernel, x, v_ref, sig, sig_next, s.noise_level)
             kl = kl_to_reference(mean, mean_ref, std)
         return logp, kl
@@ -306,7 +314,7 @@ class Trainer:
             for lo in range(0, len(order), t.train_batch_size):
                 idx = order[lo:lo + t.train_batch_size]
                 cond = self.embed([batch.prompts[j] for j in idx])
-                uncond = self.uncond.expand(len(idx))
+                uncond = self.uncond_for(len(idx))
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for w in range(W):
@@ -319,7 +327,7 @@ class Trainer:
                     if len(rows) == 0:
                         continue
                     sub = idx[rows]
-                    logp, kl = self._step_terms(batch, sub, w, cond.index(rows), uncond.index(rows))
+                    logp, kl = self._step_terms(batch, sub, w, cond.index(rows), None if uncond is None else uncond.index(rows))
                     weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
                     loss, li = grpo_step_loss(logp, batch.log_probs[sub, w], batch.advantages[sub, w], t.clip_range,
                                               kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights)

@@ -4,12 +4,33 @@ from .base import FlowModel, PromptEmbeds
 
 
 def load_model(model_cfg) -> FlowModel:
-    """Build the configured model (``model.kind``) from ``model.path`` (None: the built-in weights)."""
-    if model_cfg.kind == "shapes":
+    """Build the configured model (``model.kind``) from ``model.path``.
+
+    shapes: a safetensors file (None: the built-in weights). sd3 / flux: a hub id or a local diffusers pipeline
+    directory (``model_index.json``), loaded with ``use_safetensors=True``.
+    """
+    kind = model_cfg.kind
+    if kind == "shapes":
         from .toy import ShapesModel
 
-        return ShapesModel.load(model_cfg.path)
-    raise ValueError(f"model.kind: unknown model kind {model_cfg.kind!r}")
+        model = ShapesModel.load(model_cfg.path)
+        if getattr(model_cfg, "gradient_checkpointing", False):
+            model.transformer.enable_gradient_checkpointing()
+    elif kind in ("sd3", "flux"):
+        if kind == "sd3":
+            from .sd3 import SD3Model as cls
+        else:
+            from .flux import FluxModel as cls
+        model = cls.from_pretrained(model_cfg.path, dtype=model_cfg.dtype, resolution=model_cfg.resolution,
+                                    device=model_cfg.device, max_sequence_length=model_cfg.max_sequence_length,
+                                    gradient_checkpointing=model_cfg.gradient_checkpointing,
+                                    full_finetune=model_cfg.full_finetune)
+    else:
+        raise ValueError(f"model.kind: unknown model kind {kind!r}")
+    targets = getattr(model_cfg, "lora_target_modules", None)
+    if targets:
+        model.lora_target_modules = tuple(targets)
+    return model
 
 
 __all__ = ["FlowModel", "PromptEmbeds", "load_model"]
