@@ -45,6 +45,8 @@ def cmd_train(args) -> int:
         summary = trainer.train()
     except (TrainingAborted, RuntimeError) as e:  # e.g. a reward server that went down mid-run
         _fail(str(e), 1)
+    if not trainer.is_main:  # torchrun / accelerate launch: the main process reports
+        return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
         print(f"test reward (partial) {before['partial']:.3f} -> {after['partial']:.3f}; "
@@ -150,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "pretrain-shapes":
         args.threads = args.threads
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        if "WORLD_SIZE" in os.environ:  # leave a torchrun / accelerate process group cleanly
+            from .distributed import shutdown
+
+            shutdown()
+        return code
     except ConfigError as e:
         _fail(str(e).removeprefix("error: "))
     except KeyboardInterrupt:

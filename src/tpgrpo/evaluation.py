@@ -1,5 +1,8 @@
 """Evaluation: deterministic ODE sampling of a fixed, tag-balanced prompt set with fixed seeds; strict and partial
-scores per tag and overall (mean over tags, as GenEval reports)."""
+scores per tag and overall (mean over tags, as GenEval reports).
+
+With several processes each one samples and scores every P-th item (same seed per item) and the images and scores
+are gathered, so the result is the single-process one."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from . import distributed as dist
 from .models.base import FlowModel, PromptEmbeds
 from .prompts import PromptSource
 from .rollout import initial_noise, make_generators, sample_ode
@@ -20,7 +24,9 @@ from .rollout import initial_noise, make_generators, sample_ode
 def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Tensor, *, guidance_scale: float,
              per_tag: int, seed: int = 0, max_batch: int = 256, embed: Callable | None = None,
              uncond: PromptEmbeds | None = None, chunk: int = 128) -> dict:
-    items = source.eval_items(per_tag, seed)
+    all_items = source.eval_items(per_tag, seed)
+    mine = list(range(dist.rank(), len(all_items), dist.world_size()))  # every item with one process
+    items = [all_items[i] for i in mine]
     embed = embed or model.encode_prompts
     uncond = uncond if uncond is not None else model.encode_prompts([""])
     noise = initial_noise(make_generators([it.seed for it in items]), model.latent_shape())
@@ -30,9 +36,12 @@ def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Te
         lat = sample_ode(model, sigmas, embed([it.text for it in part]), uncond.expand(len(part)),
                          noise[lo:lo + len(part)], guidance_scale, max_batch)
         images.append(model.decode(lat))
-    images = np.concatenate(images)
+    images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+    scores = reward_fn(images, [it.text for it in items]) if items else {}
+    if dist.world_size() > 1:
+        images, scores = _gather(mine, images, scores, len(all_items))
+    items = all_items
     prompts = [it.text for it in items]
-    scores = reward_fn(images, prompts)
     primary = scores[reward_fn.primary]
     strict = scores.get("shapes_strict", primary)
     tags = np.array([it.tag for it in items])
@@ -45,6 +54,17 @@ def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Te
         "n": len(items),
         "images": images, "prompts": prompts, "scores": primary, "tags": tags.tolist(),
     }
+
+
+def _gather(mine: list[int], images: np.ndarray, scores: dict, n: int) -> tuple[np.ndarray, dict]:
+    """Every process's images and scores of its items, put back in item order."""
+    parts = [p for p in dist.all_gather_object((mine, images, {k: np.asarray(v) for k, v in scores.items()}))
+             if p[0]]
+    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+    assert len(order) == n
+    images = np.concatenate([p[1] for p in parts])[order]
+    scores = {k: np.concatenate([p[2][k] for p in parts])[order] for k in parts[0][2]}
+    return images, scores
 
 
 def save_eval_grid(result: dict, path: Path, *, per_tag: int = 4, cols: int = 6, scale: int = 4,

@@ -3,6 +3,12 @@ checkpoints; logging (DESIGN §3, §10).
 
 Determinism: everything random in epoch e (prompt choice, window start, initial and transition noise, shuffling)
 derives from (seed, e), so a resumed run needs only weights, optimizer, EMA and counters to continue bit-exactly.
+
+Data parallelism (DESIGN §8, docs/scaling.md): with P processes, process r rolls out and scores the contiguous block
+[r·N/P, (r+1)·N/P) of the epoch's N samples (same seeds as one process would use), rewards are all-gathered, credit is
+computed on the full epoch identically everywhere, and each process trains the rows it owns of every global
+micro-batch; gradients are summed over processes before the (identical) optimizer step. With one process every hook
+is the identity.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed as dist
 from .advantages import nonzero_advantage_mask
 from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, dump_config
@@ -50,21 +57,28 @@ def _seed_for(*parts: int) -> int:
 
 @dataclass
 class EpochBatch:
-    """The epoch's trained transitions: M rows (samples, or TempFlow children) × W window steps."""
+    """The epoch's trained transitions: M rows (samples, or TempFlow children) × W window steps.
 
-    prompts: list[str]            # [M]
+    ``advantages`` and ``train_mask`` cover all M rows of the epoch; prompts, states, next_states and log_probs only
+    the m rows this process owns, global rows [row_offset, row_offset + m) (all of them with one process)."""
+
+    prompts: list[str]            # [m]
     window: list[int]
-    states: torch.Tensor          # [M, W, *latent]  x before each trained transition
-    next_states: torch.Tensor     # [M, W, *latent]  x after it (as sampled)
-    log_probs: torch.Tensor       # [M, W] under the sampling policy
+    states: torch.Tensor          # [m, W, *latent]  x before each trained transition
+    next_states: torch.Tensor     # [m, W, *latent]  x after it (as sampled)
+    log_probs: torch.Tensor       # [m, W] under the sampling policy
     advantages: torch.Tensor      # [M, W]
     step_weights: torch.Tensor | None = None  # [W]
     train_mask: torch.Tensor | None = None    # [M, W]
+    row_offset: int = 0
 
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | bool | None = None, log_trackers: bool = True):
         self.cfg = cfg
+        dist.init()
+        self._check_world(cfg)
+        self.is_main = dist.is_main()
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -107,11 +121,12 @@ class Trainer:
             if ckpt is None:
                 raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
             self._restore(ckpt)
-        elif self.metrics_path.exists():
+        elif self.metrics_path.exists() and self.is_main:
             self.metrics_path.unlink()
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.tracker = None
-        if log_trackers:  # tensorboard through accelerate's trackers
+        if log_trackers and self.is_main:  # tensorboard through accelerate's trackers
             from accelerate import Accelerator
 
             self.tracker = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard",
@@ -120,6 +135,14 @@ class Trainer:
             self.tracker.init_trackers("tensorboard", config=flat)
 
     # --- setup ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_world(cfg: Config) -> None:
+        P, t = dist.world_size(), cfg.training
+        if P > 1 and cfg.samples_per_epoch % (P * t.sample_batch_size):
+            raise ValueError(f"training.sample_batch_size: {P} processes × sample_batch_size {t.sample_batch_size} "
+                             f"does not divide the {cfg.samples_per_epoch} samples of an epoch "
+                             f"(training.prompts_per_epoch × group_size)")
+
     def _add_lora(self) -> None:
         add_lora(self.model, self.cfg.training.lora_rank, self.cfg.training.lora_alpha)
 
@@ -181,19 +204,22 @@ class Trainer:
         """Sample the epoch's rollouts, score them and turn rewards into per-step advantages."""
         prompts, group_ids, microbatch_ids, window, noise, gens = self.epoch_inputs(epoch)
         n = len(prompts)
+        lo, hi = dist.shard(n)  # this process's samples (all of them with one process)
         t0 = time.perf_counter()
-        parts = self.rollouts(prompts, window, noise, gens)
+        parts = self.rollouts(prompts[lo:hi], window, noise[lo:hi], gens[lo:hi])
         t_rollout = time.perf_counter() - t0
 
         def cat(name):
             return torch.cat([getattr(p, name) for p in parts])
 
+        def score(name):  # the rewards of every process's samples, in global order
+            return {k: dist.all_gather_tensor(v) for k, v in self.score(cat(name), prompts[lo:hi]).items()}
+
         t0 = time.perf_counter()
-        main = self.score(cat("final_latents"), prompts)
-        main_scores = dict(self._last_scores)
-        forks = self.score(cat("fork_latents"), prompts) if self.method.engine_options.get("fork_window_states") else None
-        children = (self.score(cat("child_final_latents"), prompts)
-                    if self.method.engine_options.get("branch_children") else None)
+        main = score("final_latents")
+        main_scores = {k: dist.all_gather_tensor(torch.as_tensor(v)).numpy() for k, v in self._last_scores.items()}
+        forks = score("fork_latents") if self.method.engine_options.get("fork_window_states") else None
+        children = score("child_final_latents") if self.method.engine_options.get("branch_children") else None
         t_score = time.perf_counter() - t0
         t0 = time.perf_counter()
         scored = {name: ScoredRollout(main[name], None if forks is None else forks[name],
@@ -206,17 +232,19 @@ class Trainer:
             states = cat("window_latents").repeat_interleave(C, 0)
             next_states = cat("child_next_latents").transpose(1, 2).flatten(0, 1)
             log_probs = cat("child_log_probs").transpose(1, 2).flatten(0, 1)
-            row_prompts = [p for p in prompts for _ in range(C)]
+            row_prompts = [p for p in prompts[lo:hi] for _ in range(C)]
+            row_offset = lo * C  # row n·C + c is child c of sample n
         else:
             states, next_states, log_probs, row_prompts = (cat("window_latents"), cat("next_latents"),
-                                                           cat("log_probs"), prompts)
+                                                           cat("log_probs"), prompts[lo:hi])
+            row_offset = lo
         batch = EpochBatch(row_prompts, window, states, next_states, log_probs, credit.advantages.float(),
-                           credit.step_weights, credit.train_mask)
+                           credit.step_weights, credit.train_mask, row_offset)
         combined = sum(w * main[k] for k, w in self.reward_weights.items())
         info = {
             "reward_mean": float(combined.mean()), "reward_std": float(combined.std(unbiased=False)),
             **{f"{k}_mean": float(v.mean()) for k, v in main_scores.items()},
-            "evaluations_per_sample": sum(p.state_evaluations for p in parts) / n,
+            "evaluations_per_sample": sum(dist.all_gather_object(sum(p.state_evaluations for p in parts))) / n,
             "time_rollout": t_rollout, "time_score": t_score, "time_credit": t_credit,
             "window_start": window[0],
         }
@@ -297,7 +325,11 @@ class Trainer:
 
     def optimise(self, batch: EpochBatch, epoch: int) -> dict:
         """Inner epochs of clipped-policy-gradient updates; one optimizer step per train micro-batch, gradients
-        accumulated over the window steps. Samples with all-zero advantages are dropped."""
+        accumulated over the window steps. Samples with all-zero advantages are dropped.
+
+        The kept rows, their shuffled order and the train micro-batches are global (the same on every process); each
+        process computes the loss of the rows it owns, normalised by the global micro-batch size, and the gradients
+        are summed over processes before clipping and the step."""
         t = self.cfg.training
         adv = batch.advantages if batch.train_mask is None else batch.advantages * batch.train_mask
         keep = nonzero_advantage_mask(adv) if t.beta == 0 else torch.ones(len(adv), dtype=torch.bool)
@@ -307,48 +339,63 @@ class Trainer:
                 "grad_norm": 0.0}
         W = len(batch.window)
         n_terms = 0
+        first_key = None  # (inner epoch, micro-batch, window step, position) of the term that set ratio_first
+        shards = []  # several processes: this process's share of each (inner, micro-batch, step) term
+        own_lo, own_hi = batch.row_offset, batch.row_offset + len(batch.prompts)
         self.model.transformer.train()
         for inner in range(t.inner_epochs):
             rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, inner))
             order = kept[torch.randperm(len(kept), generator=rng)]
             for lo in range(0, len(order), t.train_batch_size):
-                idx = order[lo:lo + t.train_batch_size]
-                cond = self.embed([batch.prompts[j] for j in idx])
-                uncond = self.uncond_for(len(idx))
+                idx = order[lo:lo + t.train_batch_size]  # a global micro-batch
+                pos = torch.nonzero((idx >= own_lo) & (idx < own_hi)).flatten()
+                mine = idx[pos]  # the rows of it this process owns (all of them with one process; maybe none)
+                cond = self.embed([batch.prompts[j - own_lo] for j in mine]) if len(mine) else None
+                uncond = self.uncond_for(len(mine))
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
+                mb_terms = 0
                 for w in range(W):
-                    active = torch.ones(len(idx), dtype=torch.bool)
+                    active = torch.ones(len(mine), dtype=torch.bool)
                     if batch.train_mask is not None:
-                        active &= batch.train_mask[idx, w]
+                        active &= batch.train_mask[mine, w]
                     if t.beta == 0 and self.skip_zero_advantages:  # exact: zero advantage → zero loss and gradient
-                        active &= batch.advantages[idx, w] != 0
+                        active &= batch.advantages[mine, w] != 0
                     rows = torch.nonzero(active).flatten()
                     if len(rows) == 0:
                         continue
-                    sub = idx[rows]
-                    logp, kl = self._step_terms(batch, sub, w, cond.index(rows), None if uncond is None else uncond.index(rows))
+                    sub = mine[rows]
+                    local = sub - own_lo
+                    logp, kl = self._step_terms(batch, local, w, cond.index(rows), None if uncond is None else uncond.index(rows))
                     weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
-                    loss, li = grpo_step_loss(logp, batch.log_probs[sub, w], batch.advantages[sub, w], t.clip_range,
+                    loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w], t.clip_range,
                                               kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights)
-                    loss = loss * (len(sub) / len(idx))  # the mean over the whole micro-batch
+                    loss = loss * (len(sub) / len(idx))  # the mean over the whole (global) micro-batch
                     (loss / W).backward()
                     total += float(loss.detach()) / W
                     ratio = li["ratio"]
                     if math.isnan(info["ratio_first"]):
+                        first_key = (inner, lo, w, int(pos[rows[0]]))
                         info["ratio_first"] = float(ratio[0])
                     info["ratio_mean"] += float(ratio.mean())
                     info["ratio_max_dev"] = max(info["ratio_max_dev"], float((ratio - 1).abs().max()))
                     info["clipfrac"] += float(li["clipfrac"])
                     info["kl"] += float(li["kl_loss"])
                     n_terms += 1
+                    mb_terms += 1
+                    if dist.world_size() > 1:
+                        shards.append(((inner, lo, w), len(sub), float(ratio.sum()), float(li["clipfrac"]) * len(sub),
+                                       float(li["kl_loss"]) * len(sub)))
+                if dist.world_size() > 1:
+                    total = self._reduce_gradients(total, mb_terms)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
                 if not (math.isfinite(total) and torch.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.nonfinite_in_row += 1
                     info["skipped_updates"] += 1
-                    tqdm.write(f"epoch {epoch}: non-finite loss or gradient ({total}, {float(grad_norm)}); update skipped "
-                               f"({self.nonfinite_in_row} in a row)")
+                    if self.is_main:
+                        tqdm.write(f"epoch {epoch}: non-finite loss or gradient ({total}, {float(grad_norm)}); "
+                                   f"update skipped ({self.nonfinite_in_row} in a row)")
                     if self.nonfinite_in_row >= t.max_nonfinite:
                         raise TrainingAborted(f"{self.nonfinite_in_row} non-finite updates in a row "
                                               f"(training.max_nonfinite={t.max_nonfinite}); stopping. Lower training.lr "
@@ -362,12 +409,46 @@ class Trainer:
                 info["loss"] += total
                 info["grad_norm"] += float(grad_norm)
         self.model.transformer.eval()
+        if dist.world_size() > 1:
+            n_terms = self._reduce_term_metrics(info, shards, first_key)
         n_updates = max(1, math.ceil(len(kept) / t.train_batch_size) * t.inner_epochs)
         for k in ("loss", "grad_norm"):
             info[k] /= n_updates
         for k in ("ratio_mean", "clipfrac", "kl"):
             info[k] /= max(1, n_terms)
         return info
+
+    def _reduce_gradients(self, total: float, terms: int) -> float:
+        """Sum the micro-batch's gradients and loss over processes (every process then holds the same values).
+        A process without rows contributes zeros; if no process had a term, gradients stay None as with one process."""
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sums = torch.tensor([total, float(terms)], dtype=torch.float64)
+        dist.all_reduce_sum_([p.grad for p in self.trainable] + [sums])
+        if sums[1] == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(sums[0])
+
+    @staticmethod
+    def _reduce_term_metrics(info: dict, shards: list, first_key) -> int:
+        """Per-term metrics over processes: each (inner, micro-batch, step) term's row means are rebuilt from every
+        process's share, as one process would have computed them; the maximum deviation; the ratio of the globally
+        first term. Returns the number of terms."""
+        parts = dist.all_gather_object((shards, info["ratio_max_dev"], first_key, info["ratio_first"]))
+        terms: dict[tuple, list[float]] = {}
+        for shard, *_ in parts:
+            for key, *values in shard:
+                acc = terms.setdefault(key, [0.0] * 4)
+                for i, v in enumerate(values):
+                    acc[i] += v
+        info["ratio_mean"] = sum(r / n for n, r, _, _ in terms.values())
+        info["clipfrac"] = sum(c / n for n, _, c, _ in terms.values())
+        info["kl"] = sum(k / n for n, _, _, k in terms.values())
+        info["ratio_max_dev"] = max(p[1] for p in parts)
+        firsts = [p for p in parts if p[2] is not None]
+        info["ratio_first"] = min(firsts, key=lambda p: p[2])[3] if firsts else float("nan")
+        return len(terms)
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------------------
     def evaluate(self, epoch: int, *, grid: bool = True) -> dict:
@@ -376,11 +457,13 @@ class Trainer:
             res = evaluate(self.model, self.eval_source, self.reward_fn, self.eval_sigmas,
                            guidance_scale=cfg.sampling.guidance_scale, per_tag=cfg.data.eval_per_tag,
                            seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed, uncond=self.uncond)
-        if grid:
+        if grid and self.is_main:
             save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
         return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores")}
 
     def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tracker is not None:
@@ -389,10 +472,15 @@ class Trainer:
             self.tracker.log(values, step=record["epoch"])
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.epoch, {
-            "lora": self.lora_state(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "state": {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps,
-                      "nonfinite_in_row": self.nonfinite_in_row}})
+        """Written by the main process only (every process holds the same state); the others wait for it."""
+        path = self.run_dir / "checkpoints" / f"epoch_{self.epoch:06d}"
+        if self.is_main:
+            path = save_checkpoint(self.run_dir, self.epoch, {
+                "lora": self.lora_state(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "state": {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps,
+                          "nonfinite_in_row": self.nonfinite_in_row}})
+        dist.barrier()
+        return path
 
     def _restore(self, path: Path) -> None:
         ck = load_checkpoint(path)
@@ -405,15 +493,20 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         st = ck["state"]
         self.epoch, self.optimizer_steps, self.nonfinite_in_row = st["epoch"], st["optimizer_steps"], st["nonfinite_in_row"]
-        if self.metrics_path.exists():  # forget records of epochs after the checkpoint
+        if self.metrics_path.exists() and self.is_main:  # forget records of epochs after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
                      if ln.strip() and json.loads(ln).get("epoch", 0) <= self.epoch]
             self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
-        print(f"resumed from {path} (epoch {self.epoch})")
+        if self.is_main:
+            print(f"resumed from {path} (epoch {self.epoch})")
 
     def _request_stop(self, signum, frame):
         self._stop_requested = True
         tqdm.write(f"received signal {signum}: finishing this epoch, saving a checkpoint and exiting")
+
+    def _stopping(self) -> bool:
+        """The stop decision, agreed by all processes (a signal may reach only some of them)."""
+        return dist.any_true(self._stop_requested)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -425,8 +518,10 @@ class Trainer:
                 ev = self.evaluate(0)
                 self.log({"epoch": 0, "eval": ev})
                 summary["eval_before"] = ev
-            bar = tqdm(total=t.epochs, initial=self.epoch, desc=f"{cfg.algorithm}", unit="epoch", dynamic_ncols=True)
-            while self.epoch < t.epochs and not self._stop_requested:
+            bar = tqdm(total=t.epochs, initial=self.epoch, desc=f"{cfg.algorithm}", unit="epoch", dynamic_ncols=True,
+                       disable=not self.is_main)
+            stop = self._stopping()  # decided once per epoch, so the checkpoint and the exit always go together
+            while self.epoch < t.epochs and not stop:
                 epoch = self.epoch + 1
                 t0 = time.perf_counter()
                 batch, info = self.collect(epoch)
@@ -440,10 +535,12 @@ class Trainer:
                     record["eval"] = self.evaluate(epoch)
                     summary["eval_after"] = record["eval"]
                 self.log(record)
-                if "tp" in info:
-                    plot_turning_points(self.metrics_path, self._last_tp, self.run_dir / "turning_points.png")
-                plot_reward_curve(self.metrics_path, self.run_dir / "reward_curve.png")
-                if epoch % t.checkpoint_every == 0 or epoch == t.epochs or self._stop_requested:
+                if self.is_main:
+                    if "tp" in info:
+                        plot_turning_points(self.metrics_path, self._last_tp, self.run_dir / "turning_points.png")
+                    plot_reward_curve(self.metrics_path, self.run_dir / "reward_curve.png")
+                stop = self._stopping()
+                if epoch % t.checkpoint_every == 0 or epoch == t.epochs or stop:
                     self.checkpoint()
                 bar.update(1)
                 post = {"reward": f"{info['reward_mean']:.3f}"}
@@ -455,9 +552,13 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             if self.tracker is not None:
-                self.tracker.end_training()
+                if dist.world_size() > 1:  # end_training() would also tear down the process group
+                    for tracker in self.tracker.trackers:
+                        tracker.finish()
+                else:
+                    self.tracker.end_training()
         summary["epoch"] = self.epoch
-        summary["interrupted"] = self._stop_requested
+        summary["interrupted"] = self._stopping()
         return summary
 
 
