@@ -105,3 +105,16 @@ def test_skipping_zero_advantage_rows_is_exact(tiny_model_path, tmp_path):
     assert any(g.abs().sum() > 0 for g in results[0])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_warns_about_nearly_deterministic_trained_steps(tiny_model_path, tmp_path):
+    """At shift 1 the last step before σ = 0 goes to σ = 0.001: under cps its std is ~1000× smaller than the first."""
+    with pytest.warns(UserWarning, match=r"trained step\(s\) \[8\]"):
+        _trainer(tiny_model_path, tmp_path, **{"sampling.num_steps": 10, "sampling.window_size": 9,
+                                               "sampling.window_start_max": 0, "sampling.kernel": "cps"})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _trainer(tiny_model_path, tmp_path, **{"sampling.num_steps": 10, "sampling.window_size": 8,
+                                               "sampling.window_start_max": 0, "sampling.kernel": "cps"})

@@ -18,6 +18,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from .plots import plot_reward_curve, plot_turning_points
 from .prompts import PromptSource, load_prompt_source
 from .rewards import build_reward
 from .rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
-from .sampling import kl_to_reference, log_prob, sigma_schedule, transition
+from .sampling import kl_to_reference, log_prob, sigma_schedule, transition, transition_std
 
 
 class TrainingAborted(RuntimeError):
@@ -108,6 +109,7 @@ class Trainer:
         self.sigmas = sigma_schedule(s.num_steps, s.shift, mu=mu)
         self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift, mu=mu)
         self.method = build_method(cfg.algorithm, cfg)
+        self._warn_near_deterministic_steps()
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self.uncond = self.embed([""]) if getattr(self.model, "uses_cfg", True) else None
         self.epoch = 0
@@ -135,6 +137,22 @@ class Trainer:
             self.tracker.init_trackers("tensorboard", config=flat)
 
     # --- setup ------------------------------------------------------------------------------------------------
+    def _warn_near_deterministic_steps(self, ratio: float = 0.05) -> None:
+        """The log-prob gradient of a transition scales like 1/std, so a trained step whose std is tiny next to the
+        others (e.g. the last step before σ = 0 on an unshifted schedule) dominates every update with noise."""
+        s = self.cfg.sampling
+        last = min(s.window_start_max + s.window_size, s.num_steps - 1)
+        steps = range(s.window_start_min, last)
+        stds = {i: float(transition_std(s.kernel, float(self.sigmas[i]), float(self.sigmas[i + 1]), s.noise_level))
+                for i in steps}
+        biggest = max(stds.values())
+        tiny = [i for i, v in stds.items() if v < ratio * biggest]
+        if tiny and dist.is_main():
+            warnings.warn(f"sampling: trained step(s) {tiny} have transition std "
+                          f"{', '.join(f'{stds[i]:.2g}' for i in tiny)} vs {biggest:.2g} at most; their log-prob "
+                          f"gradients (∝ 1/std) will dominate the update. Consider a smaller sampling.window_size "
+                          f"or a larger sampling.shift.", stacklevel=2)
+
     @staticmethod
     def _check_world(cfg: Config) -> None:
         P, t = dist.world_size(), cfg.training
