@@ -43,6 +43,7 @@ def _bare_call_times(trainer: Trainer, rows: set[int], repeats: int) -> dict[int
     for r in sorted(rows):
         x = torch.randn(r, *model.latent_shape())
         c = cond.expand(r)
+        c = type(c)(c.hidden.contiguous(), c.pooled.contiguous())  # as the rollout's index-selected embeddings
         with torch.no_grad():
             model.raw_velocity(x, 0.5, c)  # warm-up
             out[r] = _median_time(lambda: model.raw_velocity(x, 0.5, c), repeats)
