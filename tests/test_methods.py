@@ -103,6 +103,9 @@ def test_tempflow_trains_end_to_end(tiny_model_path, tmp_path):
                   **{"tempflow.children": 2, "sampling.kernel": "sde", "training.epochs": 1})
     batch, info = tr.collect(1)
     assert batch.states.shape[:2] == (16, 2) and batch.step_weights is not None
+    # the weights come from the schedule the trainer actually samples with
+    torch.testing.assert_close(batch.step_weights, noise_aware_weights(tr.sigmas, batch.window, kind="sde",
+                                                                       noise_level=0.7).float())
     before = tr.lora_state()
     tr.optimise(batch, 1)
     assert any(not torch.equal(before[k], v) for k, v in tr.lora_state().items())

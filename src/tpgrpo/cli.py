@@ -149,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args.threads)
-    if args.cmd == "pretrain-shapes":
-        args.threads = args.threads
     try:
         code = args.fn(args)
         if "WORLD_SIZE" in os.environ:  # leave a torchrun / accelerate process group cleanly

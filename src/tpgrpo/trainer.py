@@ -109,6 +109,7 @@ class Trainer:
         self.sigmas = sigma_schedule(s.num_steps, s.shift, mu=mu)
         self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift, mu=mu)
         self.method = build_method(cfg.algorithm, cfg)
+        self.method.schedule = self.sigmas  # methods that need σ (TempFlow's noise-aware weights) use this one
         self._warn_near_deterministic_steps()
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self.uncond = self.embed([""]) if getattr(self.model, "uses_cfg", True) else None

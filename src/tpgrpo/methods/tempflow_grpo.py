@@ -13,6 +13,7 @@ import torch
 
 from ..advantages import group_advantages
 from ..credit import noise_aware_weights
+from ..sampling import sigma_schedule
 from .base import Credit, ScoredRollout
 
 
@@ -23,7 +24,9 @@ class TempFlowGRPO:
     def __init__(self, cfg):
         self.children = cfg.tempflow.children
         self.engine_options = {"branch_children": self.children}
-        self.sigmas_cfg = cfg.sampling
+        s = cfg.sampling
+        self.kernel, self.noise_level = s.kernel, s.noise_level
+        self.schedule = sigma_schedule(s.num_steps, s.shift)  # the trainer replaces it with the schedule in use
 
     def credit(self, scored: ScoredRollout, group_ids, microbatch_ids, window, rng) -> Credit:
         R = scored.child_rewards  # [N, W, C]
@@ -31,9 +34,5 @@ class TempFlowGRPO:
         rows = R.permute(0, 2, 1).reshape(n * C, W)            # row n·C + c, column k
         seed_groups = torch.arange(n).repeat_interleave(C)      # the C children of one trajectory
         adv = group_advantages(rows.double(), seed_groups, std="group").float()
-        s = self.sigmas_cfg
-        from ..sampling import sigma_schedule
-
-        weights = noise_aware_weights(sigma_schedule(s.num_steps, s.shift), window, kind=s.kernel,
-                                      noise_level=s.noise_level).float()
+        weights = noise_aware_weights(self.schedule, window, kind=self.kernel, noise_level=self.noise_level).float()
         return Credit(adv, step_weights=weights, stats={"branch_reward_std": float(R.std(-1, unbiased=False).mean())})
