@@ -193,18 +193,18 @@ class Trainer:
         return PromptEmbeds.cat([self._embed_cache[p] for p in prompts])
 
     # --- one epoch --------------------------------------------------------------------------------------------
-    def _epoch_plan(self, epoch: int) -> tuple[list[str], list[int], random.Random]:
+    def _epoch_plan(self, epoch: int) -> tuple[list[str], list[int]]:
         cfg = self.cfg
         rng = random.Random(_seed_for(cfg.seed, epoch, 1))
         prompts = self.train_source.sample(rng, cfg.training.prompts_per_epoch)
         s = cfg.sampling
         start = rng.randint(s.window_start_min, s.window_start_max)
-        return prompts, list(range(start, start + s.window_size)), rng
+        return prompts, list(range(start, start + s.window_size))
 
     def epoch_inputs(self, epoch: int):
         """Prompts (G per group), group and micro-batch ids, window, initial noise and per-sample generators."""
         cfg, s, t = self.cfg, self.cfg.sampling, self.cfg.training
-        group_prompts, window, _ = self._epoch_plan(epoch)
+        group_prompts, window = self._epoch_plan(epoch)
         if self.cfg.algorithm == "tempflow_grpo" and self.cfg.tempflow.branch_steps is not None:
             window = list(self.cfg.tempflow.branch_steps)
         G = t.group_size
@@ -231,14 +231,15 @@ class Trainer:
         def cat(name):
             return torch.cat([getattr(p, name) for p in parts])
 
-        def score(name):  # the rewards of every process's samples, in global order
-            return {k: dist.all_gather_tensor(v) for k, v in self.score(cat(name), prompts[lo:hi]).items()}
+        def score(name):  # every process's samples, in global order: (primary per reward, every score)
+            primary, every = self.score(cat(name), prompts[lo:hi])
+            return ({k: dist.all_gather_tensor(v) for k, v in primary.items()},
+                    {k: dist.all_gather_tensor(torch.as_tensor(v)).numpy() for k, v in every.items()})
 
         t0 = time.perf_counter()
-        main = score("final_latents")
-        main_scores = {k: dist.all_gather_tensor(torch.as_tensor(v)).numpy() for k, v in self._last_scores.items()}
-        forks = score("fork_latents") if self.method.engine_options.get("fork_window_states") else None
-        children = score("child_final_latents") if self.method.engine_options.get("branch_children") else None
+        main, main_scores = score("final_latents")
+        forks = score("fork_latents")[0] if self.method.engine_options.get("fork_window_states") else None
+        children = score("child_final_latents")[0] if self.method.engine_options.get("branch_children") else None
         t_score = time.perf_counter() - t0
         t0 = time.perf_counter()
         scored = {name: ScoredRollout(main[name], None if forks is None else forks[name],
@@ -274,22 +275,22 @@ class Trainer:
             self._last_tp = (credit.stats["R"][:6].numpy(), credit.stats["is_tp"][:6].numpy())
         return batch, info
 
-    def score(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Primary score of every configured reward for latents [N, ...extra dims..., *latent] (prompt per N)."""
+    def score(self, latents: torch.Tensor, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """Score latents [N, ...extra dims..., *latent] (one prompt per N): the primary score of every configured
+        reward shaped [N, ...extra dims...], and every score any reward returned (flat, for logging)."""
         extra = latents.shape[1:latents.ndim - len(self.model.latent_shape())]
         reps = int(np.prod(extra)) if extra else 1
         images = self.model.decode(latents.flatten(0, len(extra)))
         flat_prompts = [p for p in prompts for _ in range(reps)]
-        out = {}
-        self._last_scores = {}
+        out, every = {}, {}
         for name, fn in self.reward_fns.items():
             scores = fn(images, flat_prompts)
             for k, v in scores.items():
                 if not np.all(np.isfinite(v)):
                     raise TrainingAborted(f"reward {k!r} returned non-finite scores")
-                self._last_scores[k] = v
+                every[k] = v
             out[name] = torch.as_tensor(scores[fn.primary], dtype=torch.float64).view(len(prompts), *extra)
-        return out
+        return out, every
 
     def credit(self, scored: dict[str, ScoredRollout], group_ids, microbatch_ids, window, rng) -> Credit:
         """Reward-level aggregation (weighted sum of rewards, then one credit) or advantage-level aggregation

@@ -8,30 +8,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..sampling import transition_std
+
 __all__ = ["noise_aware_weights", "NOISE_KINDS"]
 
 #: Stochastic step kinds with a nonzero transition std (DESIGN.md §2); ``ode`` has none.
 NOISE_KINDS = ("sde", "cps", "dance")
-
-
-def _transition_std64(sigmas: torch.Tensor, i: torch.Tensor, kind: str, noise_level: float) -> torch.Tensor:
-    """Transition std of step i (σ_i → σ_{i+1}), DESIGN.md §2, in float64.
-
-    Must equal ``tpgrpo.sampling.transition_std`` for the same schedule, kind and noise level.
-    """
-    sigma = sigmas[i]
-    sigma_next = sigmas[i + 1]
-    delta = sigma - sigma_next
-    if kind == "sde":
-        # s_i = a·sqrt(σ_i / (1 − σ_i)), with σ_1 in place of σ_i in the denominator when σ_i = 1.
-        denom_sigma = torch.where(sigma == 1.0, sigmas[1], sigma)
-        s = noise_level * torch.sqrt(sigma / (1.0 - denom_sigma))
-        return s * torch.sqrt(delta)
-    if kind == "cps":
-        return sigma_next * math.sin(noise_level * math.pi / 2)
-    if kind == "dance":
-        return noise_level * torch.sqrt(delta)
-    raise AssertionError(kind)  # pragma: no cover - validated by the caller
 
 
 def noise_aware_weights(
@@ -88,5 +70,7 @@ def noise_aware_weights(
             "which is never stochastic and never trained"
         )
 
-    std = _transition_std64(sig64, idx, kind, float(noise_level))
+    # the schedule's own transition std (DESIGN §2); at σ = 1 it uses σ_1 = sigmas[1] for sde, as the kernel does
+    std = torch.stack([transition_std(kind, float(sig64[k]), float(sig64[k + 1]), float(noise_level)).double()
+                       for k in idx.tolist()])
     return (std / std.mean()).to(out_dtype)
