@@ -71,8 +71,25 @@ def find_latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path) -> dict:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a user means by ``path``: a checkpoint directory, the ``latest`` pointer file, a run's
+    ``checkpoints/`` directory or the run directory itself (the last two give the newest complete checkpoint)."""
     path = Path(path)
+    if path.is_file() and path.name == "latest":
+        path = path.parent / path.read_text().strip()
+    elif path.is_dir() and not is_complete(path):
+        run_dir = path.parent if path.name == "checkpoints" else path
+        found = find_latest_checkpoint(run_dir)
+        if found is not None:
+            path = found
+    if not is_complete(path):
+        what = "does not exist" if not path.exists() else "is not a complete checkpoint (nor a run directory with one)"
+        raise FileNotFoundError(f"{path} {what}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = resolve_checkpoint(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint")
     return {

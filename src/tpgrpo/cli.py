@@ -1,4 +1,4 @@
-"""Command line: ``tpgrpo train | eval | bench | serve-reward | export-lora | pretrain-shapes``.
+"""Command line: ``tpgrpo train | eval | compare | report | bench | serve-reward | export-lora | pretrain-shapes``.
 
 Configuration errors and bad input print one line naming the field or file and exit with code 2 (no traceback).
 """
@@ -75,7 +75,10 @@ def cmd_eval(args) -> int:
     if args.lora:
         from .export import load_lora_into
 
-        load_lora_into(model, cfg, args.lora)
+        try:
+            load_lora_into(model, cfg, args.lora)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(f"--lora: {e}")
     sig = sigma_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift)
     with torch.no_grad():
         res = evaluate(model, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
@@ -101,7 +104,38 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from .bench import run_bench
 
-    run_bench(cfg, out_json=Path(args.out), repeats=args.repeats)
+    run_bench(cfg, out_json=Path(args.out), repeats=args.repeats, overrides=args.overrides)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import CompareSpec, run_all, write_report
+
+    try:
+        spec = CompareSpec.load(args.spec).select(args.arms, args.seeds)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if not args.report_only:
+        failed = run_all(spec, Path(args.runs_dir), jobs=args.jobs, threads=args.threads_per_run, extra=args.overrides)
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)} (their logs are in the run directories)",
+                  file=sys.stderr)
+    try:
+        write_report(spec, Path(args.runs_dir), Path(args.out))
+    except FileNotFoundError as e:
+        _fail(str(e), 1)
+    print(f"report: {Path(args.out) / 'compare.md'}")
+    return 1 if not args.report_only and failed else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_run_report
+
+    try:
+        out = write_run_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    print(f"report: {out}")
     return 0
 
 
@@ -118,10 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model (optionally with a trained checkpoint's LoRA)")
     _add_config_args(p)
-    p.add_argument("--lora", help="checkpoint directory whose LoRA (EMA) weights to evaluate")
+    p.add_argument("--lora", help="checkpoint whose LoRA (EMA) weights to evaluate: a checkpoint directory, a run "
+                   "directory (its newest checkpoint) or a checkpoints/latest file")
     p.add_argument("--grid", help="write an image grid PNG here")
     p.add_argument("--json", help="write the scores as JSON here")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("compare", help="run methods × seeds at equal epochs and write a comparison report")
+    p.add_argument("spec", nargs="?", default="configs/compare_shapes.yaml", help="comparison spec (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides for every run")
+    p.add_argument("--runs-dir", default="runs/compare", help="where the runs go (one directory per arm and seed)")
+    p.add_argument("--out", default="runs/compare/report", help="where summary.json, compare.md and plots go")
+    p.add_argument("--arms", nargs="+", help="only these arms")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads-per-run", type=int, default=1, help="torch/OpenMP threads of each run")
+    p.add_argument("--report-only", action="store_true", help="do not train; summarise the finished runs")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("report", help="write a self-contained HTML page for one run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("bench", help="measure model calls, overheads and epoch costs (writes JSON + markdown)")
     _add_config_args(p)

@@ -535,8 +535,9 @@ class Trainer:
         summary: dict = {}
         try:
             if self.epoch == 0:
+                t0 = time.perf_counter()
                 ev = self.evaluate(0)
-                self.log({"epoch": 0, "eval": ev})
+                self.log({"epoch": 0, "eval": ev, "time_eval": time.perf_counter() - t0})
                 summary["eval_before"] = ev
             bar = tqdm(total=t.epochs, initial=self.epoch, desc=f"{cfg.algorithm}", unit="epoch", dynamic_ncols=True,
                        disable=not self.is_main)
@@ -552,7 +553,9 @@ class Trainer:
                 self.epoch = epoch
                 record = {"epoch": epoch, **info}
                 if epoch % t.eval_every == 0 or epoch == t.epochs:
+                    t2 = time.perf_counter()
                     record["eval"] = self.evaluate(epoch)
+                    record["time_eval"] = time.perf_counter() - t2
                     summary["eval_after"] = record["eval"]
                 self.log(record)
                 if self.is_main:

@@ -1,0 +1,288 @@
+"""``tpgrpo compare``: several methods ("arms") × seeds at equal epochs, then one report (DESIGN §9, issue 7).
+
+A comparison spec (YAML, e.g. ``configs/compare_shapes.yaml``) names the seeds, the overrides common to every run,
+the arms (a preset plus overrides each) and the reference arm::
+
+    seeds: [0, 1, 2]
+    common: [training.epochs=30, training.eval_every=5]
+    reference: flow_grpo
+    arms:
+      flow_grpo: {config: configs/flow_grpo_shapes.yaml}
+      tpgrpo_def41: {config: configs/tpgrpo_shapes.yaml, overrides: [tpgrpo.consistent=false]}
+
+Each (arm, seed) is an ordinary ``tpgrpo train`` run in ``RUNS_DIR/ARM/seedS``, started as a subprocess with
+``OMP_NUM_THREADS = threads`` and ``jobs`` of them at a time. A finished run is skipped and an interrupted one
+resumed, so ``compare`` can be re-run until everything is done. The summary reads only the runs' ``metrics.jsonl``:
+test reward (partial credit) and strict accuracy against epoch and against training wall-clock time (the sum of
+the epochs' ``time_epoch``; evaluation time excluded), means and sample standard deviations over seeds, the gain over
+the base model, a Welch t-test of each arm's final reward against the reference's, and the epochs and seconds each
+arm needs to reach the reference's final mean. Outputs: ``summary.json``, ``compare.md`` and two PNG figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .checkpoint import find_latest_checkpoint
+
+
+@dataclass
+class Arm:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompareSpec:
+    arms: list[Arm]
+    seeds: list[int]
+    common: list[str]
+    reference: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompareSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: comparison spec not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        unknown = set(raw) - {"arms", "seeds", "common", "reference"}
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+        if not isinstance(raw.get("arms"), dict) or not raw["arms"]:
+            raise ValueError(f"{path}: 'arms' must map arm names to {{config, overrides}}")
+        arms = []
+        for name, a in raw["arms"].items():
+            if not isinstance(a, dict) or "config" not in a:
+                raise ValueError(f"{path}: arms.{name} needs a 'config'")
+            if set(a) - {"config", "overrides"}:
+                raise ValueError(f"{path}: arms.{name}: unknown key(s) {sorted(set(a) - {'config', 'overrides'})}")
+            arms.append(Arm(str(name), str(a["config"]), [str(o) for o in a.get("overrides") or []]))
+        seeds = raw.get("seeds", [0, 1, 2])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
+        reference = raw.get("reference", arms[0].name)
+        if reference not in {a.name for a in arms}:
+            raise ValueError(f"{path}: reference {reference!r} is not one of the arms")
+        return cls(arms, seeds, [str(o) for o in raw.get("common") or []], reference)
+
+    def select(self, arms: list[str] | None, seeds: list[int] | None) -> "CompareSpec":
+        names = {a.name for a in self.arms}
+        for a in arms or []:
+            if a not in names:
+                raise ValueError(f"--arms: {a!r} is not an arm of the spec ({', '.join(sorted(names))})")
+        chosen = [a for a in self.arms if not arms or a.name in arms]
+        return CompareSpec(chosen, seeds or self.seeds, self.common, self.reference)
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def _epochs_of(run_dir: Path) -> int | None:
+    cfg = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(cfg.read_text()) or {}).get("training", {}).get("epochs") if cfg.is_file() else None
+
+
+def is_finished(run_dir: Path) -> bool:
+    recs, epochs = read_metrics(run_dir), _epochs_of(run_dir)
+    return bool(recs) and epochs is not None and recs[-1].get("epoch") == epochs and "eval" in recs[-1]
+
+
+def train_command(arm: Arm, seed: int, run_dir: Path, common: list[str], extra: list[str], threads: int,
+                  resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "tpgrpo.cli", "--threads", str(threads), "train", "-c", arm.config,
+           *common, *arm.overrides, *extra, f"seed={seed}", f"run_dir={run_dir}"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def run_all(spec: CompareSpec, runs_dir: Path, *, jobs: int = 1, threads: int = 1, extra: list[str] = (),
+            echo=print) -> list[str]:
+    """Run every missing (arm, seed); returns the names of runs that failed."""
+    runs_dir = Path(runs_dir)
+    todo = []
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            d = runs_dir / arm.name / f"seed{seed}"
+            if is_finished(d):
+                echo(f"done already: {arm.name} seed {seed}")
+                continue
+            resume = find_latest_checkpoint(d) is not None
+            todo.append((arm, seed, d, train_command(arm, seed, d, spec.common, list(extra), threads, resume)))
+
+    def one(item) -> str | None:
+        arm, seed, d, cmd = item
+        d.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        t0 = time.perf_counter()
+        with open(d / "train.log", "a") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        echo(f"{'finished' if rc == 0 else f'FAILED (exit {rc})'}: {arm.name} seed {seed} "
+             f"in {time.perf_counter() - t0:.0f} s (log: {d / 'train.log'})")
+        return None if rc == 0 else f"{arm.name}/seed{seed}"
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return [f for f in pool.map(one, todo) if f]
+
+
+# --- summarising -----------------------------------------------------------------------------------------------
+
+def run_curve(recs: list[dict]) -> dict:
+    """Per evaluation: epoch, training seconds so far, partial reward, strict accuracy, per-tag strict."""
+    elapsed, out = 0.0, {"epoch": [], "seconds": [], "partial": [], "strict": [], "per_tag": []}
+    for r in sorted(recs, key=lambda r: r["epoch"]):
+        elapsed += r.get("time_epoch", 0.0)
+        if "eval" in r:
+            out["epoch"].append(r["epoch"])
+            out["seconds"].append(elapsed)
+            out["partial"].append(r["eval"]["partial"])
+            out["strict"].append(r["eval"]["strict"])
+            out["per_tag"].append({k: v["strict"] for k, v in r["eval"].get("per_tag", {}).items()})
+    return out
+
+
+def _mean_std(x) -> tuple[float, float]:
+    x = np.asarray(x, dtype=float)
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
+    from scipy import stats
+
+    arms: dict = {}
+    for arm in spec.arms:
+        curves = {}
+        for seed in spec.seeds:
+            d = Path(runs_dir) / arm.name / f"seed{seed}"
+            if is_finished(d):
+                curves[seed] = run_curve(read_metrics(d))
+        if not curves:
+            continue
+        epochs = sorted(set.intersection(*(set(c["epoch"]) for c in curves.values())))
+        at = {s: {e: i for i, e in enumerate(c["epoch"])} for s, c in curves.items()}
+        col = {k: np.array([[c[k][at[s][e]] for e in epochs] for s, c in curves.items()])
+               for k in ("partial", "strict", "seconds")}
+        tags = sorted(curves[next(iter(curves))]["per_tag"][-1])
+        final_tag = {t: _mean_std([c["per_tag"][-1].get(t, np.nan) for c in curves.values()]) for t in tags}
+        arms[arm.name] = {
+            "seeds": sorted(curves), "epochs": epochs,
+            "partial_mean": col["partial"].mean(0).tolist(),
+            "partial_std": col["partial"].std(0, ddof=1).tolist() if len(curves) > 1 else [0.0] * len(epochs),
+            "strict_mean": col["strict"].mean(0).tolist(),
+            "strict_std": col["strict"].std(0, ddof=1).tolist() if len(curves) > 1 else [0.0] * len(epochs),
+            "seconds_mean": col["seconds"].mean(0).tolist(),
+            "final_partial": col["partial"][:, -1].tolist(), "final_strict": col["strict"][:, -1].tolist(),
+            "base_partial": col["partial"][:, 0].tolist(), "base_strict": col["strict"][:, 0].tolist(),
+            "gain_partial": (col["partial"][:, -1] - col["partial"][:, 0]).tolist(),
+            "train_seconds": col["seconds"][:, -1].tolist(),
+            "final_strict_per_tag": final_tag,
+        }
+    ref = arms.get(spec.reference)
+    for name, a in arms.items():
+        if ref is None:
+            break
+        target = ref["partial_mean"][-1]
+        reach = [e for e, m in zip(a["epochs"], a["partial_mean"]) if m >= target and e > 0]
+        reach_s = [s for s, m, e in zip(a["seconds_mean"], a["partial_mean"], a["epochs"]) if m >= target and e > 0]
+        a["epochs_to_reference_final"] = reach[0] if reach else None
+        a["seconds_to_reference_final"] = reach_s[0] if reach_s else None
+        # at the reference's total training time: this arm's mean curve, linearly interpolated (None if it stops
+        # earlier than that)
+        t_ref = ref["seconds_mean"][-1]
+        a["partial_at_reference_time"] = (float(np.interp(t_ref, a["seconds_mean"], a["partial_mean"]))
+                                          if a["seconds_mean"][-1] >= t_ref else None)
+        if name != spec.reference and len(a["final_partial"]) > 1 and len(ref["final_partial"]) > 1:
+            t = stats.ttest_ind(a["final_partial"], ref["final_partial"], equal_var=False)
+            a["welch_p_vs_reference"] = float(t.pvalue)
+    return {"reference": spec.reference, "seeds": spec.seeds, "common": spec.common,
+            "arms_spec": {a.name: {"config": a.config, "overrides": a.overrides} for a in spec.arms}, "arms": arms}
+
+
+def _fmt(ms: tuple[float, float] | list, digits: int = 3) -> str:
+    if isinstance(ms, list):
+        ms = _mean_std(ms)
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    arms, ref = summary["arms"], summary["reference"]
+    lines = [f"Seeds {summary['seeds']}; overrides common to every run: `{' '.join(summary['common']) or '—'}`. "
+             "Mean ± sample std over seeds. Training time excludes evaluation.", "",
+             "| arm | overrides | test reward (partial) | gain over base | strict accuracy | training time (s) | "
+             f"epochs to {ref}'s final | reward at {ref}'s time | Welch p vs {ref} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, a in arms.items():
+        spec = summary["arms_spec"][name]
+        ov = " ".join([Path(spec["config"]).stem, *spec["overrides"]])
+        e2r = a.get("epochs_to_reference_final")
+        at_t = a.get("partial_at_reference_time")
+        p = a.get("welch_p_vs_reference")
+        lines.append(f"| {name} | `{ov}` | {_fmt(a['final_partial'])} | {_fmt(a['gain_partial'], 3)} | "
+                     f"{_fmt(a['final_strict'])} | {_fmt(a['train_seconds'], 0)} | "
+                     f"{e2r if e2r is not None else 'not reached'} | "
+                     f"{f'{at_t:.3f}' if at_t is not None else '—'} | {f'{p:.2f}' if p is not None else '—'} |")
+    tags = sorted({t for a in arms.values() for t in a["final_strict_per_tag"]})
+    lines += ["", "Final strict accuracy per tag (mean over seeds):", "",
+              "| arm | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
+    for name, a in arms.items():
+        lines.append(f"| {name} | " + " | ".join(f"{a['final_strict_per_tag'][t][0]:.3f}" for t in tags) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary["arms"]
+    paths = []
+    for xkey, xlabel, fname in (("epochs", "epoch", "compare_epoch.png"),
+                                ("seconds_mean", "training wall-clock (s, mean over seeds)", "compare_time.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, metric, title in ((axes[0], "partial", "test reward (partial credit)"),
+                                  (axes[1], "strict", "test strict accuracy")):
+            for name, a in arms.items():
+                x = np.asarray(a[xkey], dtype=float)
+                m, s = np.asarray(a[f"{metric}_mean"]), np.asarray(a[f"{metric}_std"])
+                ax.plot(x, m, "o-", ms=3, label=f"{name} (n={len(a['seeds'])})")
+                ax.fill_between(x, m - s, m + s, alpha=0.15)
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        p = Path(out_dir) / fname
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(spec: CompareSpec, runs_dir: Path, out_dir: Path) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(spec, runs_dir)
+    if not summary["arms"]:
+        raise FileNotFoundError(f"{runs_dir}: no finished runs to summarise")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    md = markdown(summary)
+    figs = plot(summary, out_dir)
+    md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figs) + "\n"
+    (out_dir / "compare.md").write_text(md)
+    return summary
