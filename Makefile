@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/default.yaml
 
-.PHONY: install train test test-all bench clean-venv
+.PHONY: install train test test-all bench compare clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-all: install
 
 bench: install
 	$(VENV)/bin/tpgrpo bench --config $(CONFIG) --out docs/bench.json
+
+# the four-method comparison of docs/RESULTS.md (about an hour on 2 cores; re-running resumes/skips finished runs)
+compare: install
+	$(VENV)/bin/tpgrpo compare configs/compare_shapes.yaml --jobs 2 \
+	  --arms flow_grpo tpgrpo dance_grpo tempflow_grpo tpgrpo_def41 tpgrpo_nobalance tpgrpo_coarse3 --out docs/compare
 
 clean-venv:
 	rm -rf $(VENV)

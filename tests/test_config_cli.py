@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,13 @@ def test_prompt_outside_the_vocabulary_fails_before_training(tiny_model_path, tm
     with pytest.raises(ValueError, match=r"not in the shapes grammar"):
         Trainer(load_config(None, tiny_overrides(tiny_model_path, tmp_path / "run", **{"data.train_prompts": str(f)})),
                 log_trackers=False)
+
+
+@pytest.mark.parametrize("override", ["training.epochs=true", "seed=false", "training.lr=true",
+                                      "tpgrpo.completion_steps=true"])
+def test_boolean_where_a_number_belongs_is_rejected(override):
+    from tpgrpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"^config error: {re.escape(override.split('=')[0])}: expected a number"):
+        load_config("configs/default.yaml", [override])
+    assert load_config("configs/default.yaml", ["tpgrpo.balance=false"]).tpgrpo.balance is False

@@ -4,6 +4,7 @@ command line as ``section.field=value`` (the value is parsed as YAML). Unknown k
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,23 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data):
+        """pydantic's lax mode reads ``true`` as 1 for an int field; a boolean where a number belongs is a typo."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                f = cls.model_fields.get(name)
+                if isinstance(value, bool) and f is not None and bool not in _types_of(f.annotation) \
+                        and _types_of(f.annotation) & {int, float}:
+                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
+
+
+def _types_of(annotation) -> set:
+    args = typing.get_args(annotation)
+    return {t for a in (args or (annotation,)) for t in (_types_of(a) if typing.get_args(a) else {a})}
 
 
 class ModelConfig(_Section):
