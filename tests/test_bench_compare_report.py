@@ -148,3 +148,20 @@ def test_report_is_self_contained_html(tiny_model_path, tmp_path):
 def test_report_bad_run_dir_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tpgrpo.cli", "report", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "metrics.jsonl" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_resolve_checkpoint_accepts_run_dir_checkpoints_dir_and_latest(tmp_path):
+    import torch
+
+    from tpgrpo.checkpoint import resolve_checkpoint, save_checkpoint
+
+    payload = {"lora": {"w": torch.zeros(1)}, "ema": {"shadow.0": torch.zeros(1)}, "optimizer": {}, "state": {}}
+    save_checkpoint(tmp_path, 1, payload)
+    newest = save_checkpoint(tmp_path, 2, payload)
+    for p in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "latest", newest):
+        assert resolve_checkpoint(p) == newest
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "epoch_000001").name == "epoch_000001"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint((tmp_path / "empty_run").mkdir() or tmp_path / "empty_run")  # no checkpoints in it
