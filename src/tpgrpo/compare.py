@@ -156,6 +156,19 @@ def run_curve(recs: list[dict]) -> dict:
     return out
 
 
+def run_diagnostics(recs: list[dict]) -> dict:
+    """Epoch averages of what the credit assignment saw: samples dropped for all-zero advantages, the train reward's
+    within-batch std and, for TP-GRPO, the turning-point rate and mean |r_t| per window step."""
+    tr = [r for r in recs if "reward_mean" in r]
+    out = {"dropped_samples": float(np.mean([r.get("dropped_samples", 0) for r in tr])) if tr else None,
+           "train_reward_std": float(np.mean([r.get("reward_std", 0) for r in tr])) if tr else None}
+    tp = [r["tp"] for r in tr if "tp" in r]
+    if tp:
+        out["tp_rate"] = float(np.mean([t["tp_rate"] for t in tp]))
+        out["mean_abs_r_per_step"] = np.mean([t["mean_abs_r_per_step"] for t in tp], axis=0).tolist()
+    return out
+
+
 def _mean_std(x) -> tuple[float, float]:
     x = np.asarray(x, dtype=float)
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
@@ -173,6 +186,7 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
                 curves[seed] = run_curve(read_metrics(d))
         if not curves:
             continue
+        diags = [run_diagnostics(read_metrics(Path(runs_dir) / arm.name / f"seed{s}")) for s in curves]
         epochs = sorted(set.intersection(*(set(c["epoch"]) for c in curves.values())))
         at = {s: {e: i for i, e in enumerate(c["epoch"])} for s, c in curves.items()}
         col = {k: np.array([[c[k][at[s][e]] for e in epochs] for s, c in curves.items()])
@@ -191,6 +205,8 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
             "gain_partial": (col["partial"][:, -1] - col["partial"][:, 0]).tolist(),
             "train_seconds": col["seconds"][:, -1].tolist(),
             "final_strict_per_tag": final_tag,
+            "diagnostics": {k: (np.mean([d[k] for d in diags], axis=0).tolist() if diags[0].get(k) is not None
+                                else None) for k in diags[0]},
         }
     ref = arms.get(spec.reference)
     for name, a in arms.items():
@@ -215,6 +231,8 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
 
 def _fmt(ms: tuple[float, float] | list, digits: int = 3) -> str:
     if isinstance(ms, list):
+        if len(ms) == 1:
+            return f"{ms[0]:.{digits}f} (1 seed)"
         ms = _mean_std(ms)
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
@@ -241,6 +259,19 @@ def markdown(summary: dict) -> str:
               "| arm | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
     for name, a in arms.items():
         lines.append(f"| {name} | " + " | ".join(f"{a['final_strict_per_tag'][t][0]:.3f}" for t in tags) + " |")
+    lines += ["", "What the credit assignment saw (averages over epochs and seeds): samples dropped per epoch because all "
+              "their advantages were 0; the within-batch std of the train reward; TP-GRPO's turning-point rate and "
+              "mean |r_t| per window step.", "",
+              "| arm | dropped samples / epoch | train reward std | turning-point rate | mean abs r_t per step |",
+              "|---|---|---|---|---|"]
+    for name, a in arms.items():
+        d = a["diagnostics"]
+        r_abs = d.get("mean_abs_r_per_step")
+        tp_rate = f"{d['tp_rate']:.3f}" if d.get("tp_rate") is not None else "—"
+        r_text = " ".join(f"{x:.2f}" for x in r_abs) if r_abs else "—"
+        dropped = f"{d['dropped_samples']:.1f}" if d.get("dropped_samples") is not None else "—"
+        r_std = f"{d['train_reward_std']:.3f}" if d.get("train_reward_std") is not None else "—"
+        lines.append(f"| {name} | {dropped} | {r_std} | {tp_rate} | {r_text} |")
     return "\n".join(lines) + "\n"
 
 
