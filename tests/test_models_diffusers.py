@@ -360,7 +360,18 @@ def test_bf16_autocast_keeps_fp32_latents_and_lora(pipeline_dirs):
 
 
 # --- presets ----------------------------------------------------------------------------------------------------
-PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("compare_"))  # training presets
+
+
+def test_compare_spec_arms_are_valid_training_configs():
+    """Every arm of the shipped comparison spec resolves to a valid training config."""
+    from tpgrpo.compare import CompareSpec
+
+    spec = CompareSpec.load(REPO / "configs" / "compare_shapes.yaml")
+    assert {"flow_grpo", "tpgrpo", "dance_grpo", "tempflow_grpo"} <= {a.name for a in spec.arms}
+    for arm in spec.arms:
+        cfg = load_config(REPO / arm.config, spec.common + arm.overrides)
+        assert cfg.training.epochs == 20
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
