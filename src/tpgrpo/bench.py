@@ -14,6 +14,7 @@ Measurements are interleaved and repeated; medians are reported. Output: JSON an
 from __future__ import annotations
 
 import json
+import math
 import resource
 import statistics
 import tempfile
@@ -109,14 +110,15 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
                                "threads": torch.get_num_threads()},
                     "rollout": {}}
     for v, p in parts.items():
+        # final images scored: one per sample, plus TempFlow's children ([N, W, C, *latent])
         images = sum(ro.final_latents.shape[0] + (0 if ro.child_final_latents is None
-                                                  else ro.child_final_latents[:, :, :, 0].numel() // ro.child_final_latents.shape[3])
-                     for ro in p)
+                                                  else math.prod(ro.child_final_latents.shape[:3])) for ro in p)
+        samples = len(inputs[variants[v][0]][0])
         ideal = sum(bare[r * cfg_rows[v]] for ro in p for r in ro.call_rows)
         result["rollout"][v] = {
-            "samples": len(inputs[variants[v][0]][0]),
+            "samples": samples,
             "scored_images": images,
-            "evaluations_per_sample": sum(ro.state_evaluations for ro in p) / len(inputs[variants[v][0]][0]),
+            "evaluations_per_sample": sum(ro.state_evaluations for ro in p) / samples,
             "transformer_invocations": sum(len(ro.call_rows) for ro in p),
             "rollout_s": rollout_time[v],
             "bare_calls_s": ideal,

@@ -90,8 +90,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: Path) -> dict:
     path = resolve_checkpoint(path)
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint")
     return {
         "lora": load_file(str(path / "lora.safetensors")),
         "ema": load_file(str(path / "ema.safetensors")),

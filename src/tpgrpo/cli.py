@@ -115,6 +115,7 @@ def cmd_compare(args) -> int:
         spec = CompareSpec.load(args.spec).select(args.arms, args.seeds)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    failed = []
     if not args.report_only:
         failed = run_all(spec, Path(args.runs_dir), jobs=args.jobs, threads=args.threads_per_run, extra=args.overrides)
         if failed:
@@ -125,7 +126,7 @@ def cmd_compare(args) -> int:
     except FileNotFoundError as e:
         _fail(str(e), 1)
     print(f"report: {Path(args.out) / 'compare.md'}")
-    return 1 if not args.report_only and failed else 0
+    return 1 if failed else 0
 
 
 def cmd_report(args) -> int:

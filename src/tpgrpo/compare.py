@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from .checkpoint import find_latest_checkpoint
+from .plots import read_metrics
 
 
 @dataclass
@@ -87,11 +88,10 @@ class CompareSpec:
 
 # --- running ---------------------------------------------------------------------------------------------------
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def run_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics records; none if it has not started."""
     p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return read_metrics(p) if p.is_file() else []
 
 
 def _epochs_of(run_dir: Path) -> int | None:
@@ -99,8 +99,10 @@ def _epochs_of(run_dir: Path) -> int | None:
     return (yaml.safe_load(cfg.read_text()) or {}).get("training", {}).get("epochs") if cfg.is_file() else None
 
 
-def is_finished(run_dir: Path) -> bool:
-    recs, epochs = read_metrics(run_dir), _epochs_of(run_dir)
+def is_finished(run_dir: Path, recs: list[dict] | None = None) -> bool:
+    """Whether the run reached its configured last epoch and evaluated there (``recs``: its records, if read)."""
+    recs = run_metrics(run_dir) if recs is None else recs
+    epochs = _epochs_of(run_dir)
     return bool(recs) and epochs is not None and recs[-1].get("epoch") == epochs and "eval" in recs[-1]
 
 
@@ -174,19 +176,25 @@ def _mean_std(x) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
 
 
+def _seed_std(per_seed: np.ndarray) -> list[float]:
+    """Sample std over seeds (rows) at each evaluation (columns); 0 with a single seed."""
+    return per_seed.std(0, ddof=1).tolist() if len(per_seed) > 1 else [0.0] * per_seed.shape[1]
+
+
 def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
     from scipy import stats
 
     arms: dict = {}
     for arm in spec.arms:
-        curves = {}
+        curves, diags = {}, []
         for seed in spec.seeds:
             d = Path(runs_dir) / arm.name / f"seed{seed}"
-            if is_finished(d):
-                curves[seed] = run_curve(read_metrics(d))
+            recs = run_metrics(d)
+            if is_finished(d, recs):
+                curves[seed] = run_curve(recs)
+                diags.append(run_diagnostics(recs))
         if not curves:
             continue
-        diags = [run_diagnostics(read_metrics(Path(runs_dir) / arm.name / f"seed{s}")) for s in curves]
         epochs = sorted(set.intersection(*(set(c["epoch"]) for c in curves.values())))
         at = {s: {e: i for i, e in enumerate(c["epoch"])} for s, c in curves.items()}
         col = {k: np.array([[c[k][at[s][e]] for e in epochs] for s, c in curves.items()])
@@ -196,9 +204,9 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
         arms[arm.name] = {
             "seeds": sorted(curves), "epochs": epochs,
             "partial_mean": col["partial"].mean(0).tolist(),
-            "partial_std": col["partial"].std(0, ddof=1).tolist() if len(curves) > 1 else [0.0] * len(epochs),
+            "partial_std": _seed_std(col["partial"]),
             "strict_mean": col["strict"].mean(0).tolist(),
-            "strict_std": col["strict"].std(0, ddof=1).tolist() if len(curves) > 1 else [0.0] * len(epochs),
+            "strict_std": _seed_std(col["strict"]),
             "seconds_mean": col["seconds"].mean(0).tolist(),
             "final_partial": col["partial"][:, -1].tolist(), "final_strict": col["strict"][:, -1].tolist(),
             "base_partial": col["partial"][:, 0].tolist(), "base_strict": col["strict"][:, 0].tolist(),

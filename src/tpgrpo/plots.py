@@ -12,12 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _records(metrics_path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (one JSON object per line; a bad line is a one-line error)."""
+    recs = []
+    for i, ln in enumerate(Path(metrics_path).read_text().splitlines(), 1):
+        if ln.strip():
+            try:
+                recs.append(json.loads(ln))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{metrics_path}:{i}: not valid JSON ({e.msg})") from None
+    return recs
 
 
 def plot_reward_curve(metrics_path: Path, out: Path) -> None:
-    recs = _records(metrics_path)
+    recs = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     tr = [(r["epoch"], r["reward_mean"]) for r in recs if "reward_mean" in r]
     if tr:
@@ -39,7 +47,7 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> None:
 def plot_turning_points(metrics_path: Path, last: tuple[np.ndarray, np.ndarray], out: Path) -> None:
     """Left: turning-point rate per window step (latest epoch, before/after balancing) and mean |r_t|, |g_t|.
     Right: R_k curves of a few trajectories with their (kept) turning points marked."""
-    recs = [r for r in _records(metrics_path) if "tp" in r]
+    recs = [r for r in read_metrics(metrics_path) if "tp" in r]
     if not recs:
         return
     tp = recs[-1]["tp"]

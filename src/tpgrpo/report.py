@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .plots import read_metrics  # noqa: E402
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -41,13 +42,7 @@ def _records(run_dir: Path) -> list[dict]:
     p = run_dir / "metrics.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this a tpgrpo run directory?)")
-    recs = []
-    for i, ln in enumerate(p.read_text().splitlines(), 1):
-        if ln.strip():
-            try:
-                recs.append(json.loads(ln))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+    recs = read_metrics(p)
     if not recs:
         raise ValueError(f"{p}: empty")
     return recs
