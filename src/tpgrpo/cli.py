@@ -72,6 +72,8 @@ def cmd_eval(args) -> int:
         reward = build_reward(name, **cfg.reward.options.get(name, {}))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
+    if args.paired and not args.lora:
+        _fail("--paired needs --lora (the checkpoint to compare with the base model)")
     if args.lora:
         from .export import load_lora_into
 
@@ -80,10 +82,20 @@ def cmd_eval(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             _fail(f"--lora: {e}")
     sig = sigma_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift)
-    with torch.no_grad():
-        res = evaluate(model, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
-                       per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed)
+
+    def run_eval(m):
+        with torch.no_grad():
+            return evaluate(m, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
+                            per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed)
+
+    base = run_eval(load_model(cfg.model)) if args.paired else None
+    res = run_eval(model)
     out = {k: v for k, v in res.items() if k in ("strict", "partial", "per_tag", "n")}
+    if base is not None:
+        from .evaluation import paired_gain
+
+        out["base"] = {k: v for k, v in base.items() if k in ("strict", "partial", "per_tag")}
+        out["gain_over_base"] = paired_gain(base, res)
     print(json.dumps(out, indent=2))
     if args.grid:
         save_eval_grid(res, Path(args.grid))
@@ -157,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory (its newest checkpoint) or a checkpoints/latest file")
     p.add_argument("--grid", help="write an image grid PNG here")
     p.add_argument("--json", help="write the scores as JSON here")
+    p.add_argument("--paired", action="store_true",
+                   help="also evaluate the base model on the same prompts and seeds and report the gain with its "
+                        "paired standard error")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("compare", help="run methods × seeds at equal epochs and write a comparison report")

@@ -52,8 +52,36 @@ def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Te
         "partial": float(np.mean([v["partial"] for v in per.values()])),
         "per_tag": per,
         "n": len(items),
-        "images": images, "prompts": prompts, "scores": primary, "tags": tags.tolist(),
+        "images": images, "prompts": prompts, "scores": primary, "strict_scores": np.asarray(strict, np.float64),
+        "tags": tags.tolist(),
     }
+
+
+def paired_gain(base: dict, tuned: dict) -> dict:
+    """The tuned model's gain over the base on the *same* evaluation items (same prompts, same seeds).
+
+    Per image d = score_tuned − score_base; per tag the mean of d; overall the mean over tags (as ``evaluate``
+    averages), with its standard error ``sqrt(Σ_tag var_tag / n_tag) / n_tags`` (sample variances of d). Also counts
+    the images whose strict outcome flipped each way: on the shapes model many flip in both directions, which is why
+    unpaired single evaluations are noisy."""
+    if base["prompts"] != tuned["prompts"] or base["tags"] != tuned["tags"]:
+        raise ValueError("paired_gain: the two evaluations did not use the same items")
+    tags = np.array(base["tags"])
+    out: dict = {"n": len(tags), "per_tag": {}}
+    for key, name in (("scores", "partial"), ("strict_scores", "strict")):
+        d = np.asarray(tuned[key], np.float64) - np.asarray(base[key], np.float64)
+        means, var_terms = [], []
+        for t in dict.fromkeys(tags.tolist()):
+            dt = d[tags == t]
+            means.append(float(dt.mean()))
+            var_terms.append(float(dt.var(ddof=1)) / len(dt) if len(dt) > 1 else float("nan"))
+            out["per_tag"].setdefault(t, {})[name] = means[-1]
+        out[name] = float(np.mean(means))
+        out[f"{name}_se"] = float(np.sqrt(np.sum(var_terms)) / len(means))
+    sb, st = np.asarray(base["strict_scores"]) > 0.5, np.asarray(tuned["strict_scores"]) > 0.5
+    out["strict_gained"] = int((~sb & st).sum())
+    out["strict_lost"] = int((sb & ~st).sum())
+    return out
 
 
 def _gather(mine: list[int], images: np.ndarray, scores: dict, n: int) -> tuple[np.ndarray, dict]:

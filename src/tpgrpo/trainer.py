@@ -479,7 +479,7 @@ class Trainer:
                            seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed, uncond=self.uncond)
         if grid and self.is_main:
             save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
-        return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores")}
+        return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores", "strict_scores")}
 
     def log(self, record: dict) -> None:
         if not self.is_main:
