@@ -118,3 +118,24 @@ def test_warns_about_nearly_deterministic_trained_steps(tiny_model_path, tmp_pat
         warnings.simplefilter("error")
         _trainer(tiny_model_path, tmp_path, **{"sampling.num_steps": 10, "sampling.window_size": 8,
                                                "sampling.window_start_max": 0, "sampling.kernel": "cps"})
+
+
+def test_linear_lr_schedule_values_and_exact_resume(tiny_model_path, tmp_path):
+    from tpgrpo.trainer import epoch_lr
+
+    assert [epoch_lr(1e-3, "linear", e, 4) for e in (1, 2, 3, 4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert epoch_lr(1e-3, "constant", 3, 4) == 1e-3
+    extra = {"training.epochs": 4, "training.lr_schedule": "linear"}
+    full = _trainer(tiny_model_path, tmp_path / "full", **extra)
+    full.train()
+    recs = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in recs if "lr" in r] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    part = _trainer(tiny_model_path, tmp_path / "part", **extra)
+    part._stopping = lambda: part.epoch >= 2  # as if interrupted after epoch 2 (checkpoint written on the way out)
+    part.train()
+    resumed = _trainer(tiny_model_path, tmp_path / "part", resume=True, **extra)
+    assert resumed.epoch == 2
+    resumed.train()
+    a, b = full.lora_state(), resumed.lora_state()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -107,6 +107,8 @@ class TrainingConfig(_Section):
     max_batch: int = Field(256, ge=1, description="largest model-call batch (CFG doubles the states)")
     inner_epochs: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear: lr · (1 − (epoch − 1) / epochs) in epoch 1 … epochs (decays towards 0)")
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     clip_range: float = Field(1e-4, gt=0)

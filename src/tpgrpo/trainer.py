@@ -48,6 +48,16 @@ class TrainingAborted(RuntimeError):
     """A run that cannot continue (e.g. non-finite updates N times in a row); the message says why."""
 
 
+def epoch_lr(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate of epoch ``epoch`` (1-based): constant, or linear decay ``lr · (1 − (epoch − 1) / epochs)``.
+    A function of the epoch alone, so a resumed run continues the schedule exactly."""
+    if schedule == "constant":
+        return lr
+    if schedule == "linear":
+        return lr * (1.0 - (epoch - 1) / epochs)
+    raise ValueError(f"training.lr_schedule: unknown schedule {schedule!r}")
+
+
 def _seed_for(*parts: int) -> int:
     """A stable 63-bit seed from integers (independent of Python's hash randomisation)."""
     h = 1469598103934665603
@@ -354,7 +364,9 @@ class Trainer:
         adv = batch.advantages if batch.train_mask is None else batch.advantages * batch.train_mask
         keep = nonzero_advantage_mask(adv) if t.beta == 0 else torch.ones(len(adv), dtype=torch.bool)
         kept = torch.nonzero(keep).flatten()
-        info = {"dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
+        for group in self.optimizer.param_groups:
+            group["lr"] = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
+        info = {"lr": epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs), "dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
                 "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0, "skipped_updates": 0,
                 "grad_norm": 0.0}
         W = len(batch.window)
