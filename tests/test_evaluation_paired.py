@@ -1,16 +1,13 @@
 """Paired evaluation: the gain of a checkpoint over the base model on the same prompts and seeds."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import tiny_overrides
+from test_config_cli import _assert_bad_input, _cli
 from tpgrpo.evaluation import paired_gain
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import tiny_overrides  # noqa: E402
-from test_config_cli import _assert_bad_input, _cli  # noqa: E402
 
 
 def _result(partial, strict, tags):

@@ -364,9 +364,10 @@ class Trainer:
         adv = batch.advantages if batch.train_mask is None else batch.advantages * batch.train_mask
         keep = nonzero_advantage_mask(adv) if t.beta == 0 else torch.ones(len(adv), dtype=torch.bool)
         kept = torch.nonzero(keep).flatten()
+        lr = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
         for group in self.optimizer.param_groups:
-            group["lr"] = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
-        info = {"lr": epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs), "dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
+            group["lr"] = lr
+        info = {"lr": lr, "dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
                 "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0, "skipped_updates": 0,
                 "grad_norm": 0.0}
         W = len(batch.window)
