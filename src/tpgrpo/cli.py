@@ -107,8 +107,13 @@ def cmd_eval(args) -> int:
 def cmd_pretrain(args) -> int:
     from .shapes.pretrain import PretrainConfig, pretrain
 
-    pretrain(PretrainConfig(out=args.out, export=args.export, steps=args.steps, batch_size=args.batch_size,
-                            lr=args.lr, seed=args.seed, threads=args.threads))
+    try:
+        cfg = PretrainConfig(out=args.out, export=args.export, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, warmup=args.warmup, seed=args.seed, threads=args.threads,
+                             caption_noise=args.caption_noise, init=args.init)
+    except ValueError as e:
+        return _fail(f"pretrain-shapes: {e}")
+    pretrain(cfg)
     return 0
 
 
@@ -209,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps before the cosine decay")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--caption-noise", type=float, default=0.0,
+                   help="probability that a caption describes a neighbouring prompt's scene (one slot changed)")
+    p.add_argument("--init", default=None, help="start from these safetensors weights (a fine-tuning stage)")
     p.set_defaults(fn=cmd_pretrain)
     return ap
 

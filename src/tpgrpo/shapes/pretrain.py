@@ -2,7 +2,10 @@
 
 Rectified-flow matching in pixel space on freshly rendered train-split scenes: x_σ = (1 − σ)·x0 + σ·ε, target
 v = ε − x0, σ ~ logit-normal(0, 1) (as SD3 trains), tag-balanced prompt sampling, caption dropout so that
-classifier-free guidance works. Resumable: a state file in the work directory is written atomically every
+classifier-free guidance works, and optional caption noise: with probability ``caption_noise`` a scene is rendered
+for a *neighbouring* train prompt (one slot changed: a shape, count, colour or relation) while the caption keeps the
+original text, as web alt-text often misdescribes its image. ``init`` starts from existing weights (a second,
+fine-tuning stage). Resumable: a state file in the work directory is written atomically every
 ``ckpt_every`` steps and picked up again on restart.
 """
 
@@ -20,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.toy import ShapesModel
-from .grammar import TAGS, split_prompts
+from .grammar import TAGS, PromptSpec, split_prompts
 from .render import render_prompt
 
 
@@ -38,6 +41,16 @@ class PretrainConfig:
     ckpt_every: int = 250
     threads: int | None = None
     bf16: bool = False  # fp32 measured faster than bf16 autocast on the 2-core dev CPU
+    caption_noise: float = 0.0         # probability that a caption describes a neighbouring prompt's scene
+    init: str | None = None            # safetensors weights to start from (default: random initialisation)
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_noise < 1.0:
+            raise ValueError(f"caption_noise must be in [0, 1), got {self.caption_noise}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.init is not None and not Path(self.init).is_file():
+            raise ValueError(f"init: weights file not found: {self.init}")
 
 
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -48,12 +61,38 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def _batch(rng: random.Random, by_tag: dict[str, list], cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
+def _slots(spec: PromptSpec) -> tuple:
+    """The prompt's slot values in order: (shape, count, colour) per clause, then the relation."""
+    flat = tuple(v for c in spec.clauses for v in (c.shape, c.count, c.color))
+    return flat + ((spec.relation[0] if spec.relation else None),)
+
+
+def neighbours(prompts: list[PromptSpec]) -> dict[str, list[PromptSpec]]:
+    """For each prompt, the prompts of the same tag in ``prompts`` that differ from it in exactly one slot."""
+    out: dict[str, list[PromptSpec]] = {}
+    for p in prompts:
+        sp = _slots(p)
+        out[p.text] = [q for q in prompts if q.tag == p.tag and sum(a != b for a, b in zip(sp, _slots(q))) == 1]
+    return out
+
+
+def draw_example(rng: random.Random, by_tag: dict[str, list[PromptSpec]], near: dict[str, list[PromptSpec]],
+                 caption_noise: float) -> tuple[PromptSpec, str]:
+    """One (scene to render, caption) pair: a tag uniformly, a prompt of that tag; with probability
+    ``caption_noise`` the scene is one of the prompt's neighbours instead (prompts without neighbours stay exact)."""
+    spec = rng.choice(by_tag[rng.choice(TAGS)])
+    if caption_noise and rng.random() < caption_noise and near[spec.text]:
+        return rng.choice(near[spec.text]), spec.text
+    return spec, spec.text
+
+
+def _batch(rng: random.Random, by_tag: dict[str, list[PromptSpec]], near: dict[str, list[PromptSpec]],
+           cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
     images, texts = [], []
     for _ in range(cfg.batch_size):
-        spec = rng.choice(by_tag[rng.choice(TAGS)])
-        images.append(render_prompt(spec, rng.getrandbits(31)))
-        texts.append("" if rng.random() < cfg.caption_dropout else spec.text)
+        scene, caption = draw_example(rng, by_tag, near, cfg.caption_noise)
+        images.append(render_prompt(scene, rng.getrandbits(31)))
+        texts.append("" if rng.random() < cfg.caption_dropout else caption)
     return ShapesModel.encode_images(np.stack(images)), texts
 
 
@@ -72,7 +111,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     state_path = out / "pretrain_state.pt"
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = ShapesModel(autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    if cfg.init:
+        model = ShapesModel.load(cfg.init, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    else:
+        model = ShapesModel(autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if state_path.exists():
@@ -83,7 +125,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         rng.setstate(_as_rng_state(st["py_rng"]))
         torch.set_rng_state(st["torch_rng"])
         print(f"resuming pretraining from step {step}")
-    by_tag = {t: [p for p in split_prompts("train") if p.tag == t] for t in TAGS}
+    train = split_prompts("train")
+    by_tag = {t: [p for p in train if p.tag == t] for t in TAGS}
+    near = neighbours(train)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"shapes base model: {n_params / 1e6:.2f}M parameters; {cfg.steps} steps of batch {cfg.batch_size}")
     log = open(out / "pretrain_log.tsv", "a")
@@ -92,7 +136,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     t0 = time.time()
     model.train()
     while step < cfg.steps:
-        x0, texts = _batch(rng, by_tag, cfg)
+        x0, texts = _batch(rng, by_tag, near, cfg)
         sigma = torch.sigmoid(torch.randn(x0.shape[0]))
         eps = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1)
