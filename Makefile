@@ -30,7 +30,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(VENV)/bin/tpgrpo bench --config $(CONFIG) --out docs/bench.json
+	$(VENV)/bin/tpgrpo bench --config configs/tpgrpo_shapes.yaml --out docs/bench.json
 
 # the four-method comparison of docs/RESULTS.md (about an hour on 2 cores; re-running resumes/skips finished runs)
 compare: install
