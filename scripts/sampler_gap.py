@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tpgrpo.config import load_config
-from tpgrpo.export import load_lora_into
+from tpgrpo.export import adapters_disabled, load_lora_into
 from tpgrpo.models import load_model
 from tpgrpo.rewards import build_reward
 from tpgrpo.rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
@@ -38,8 +38,10 @@ def main(argv: list[str]) -> None:
     run, per_tag, seed = argv[0], int(argv[1]) if len(argv) > 1 else 32, int(argv[2]) if len(argv) > 2 else 11
     cfg = load_config(f"{run}/config.yaml", [])
     s = cfg.sampling
-    base, tuned = load_model(cfg.model), load_model(cfg.model)
-    load_lora_into(tuned, cfg, run)
+    if cfg.model.full_finetune:
+        sys.exit("sampler_gap.py compares a LoRA run with its base model (adapters off); this run is a full fine-tune")
+    model = load_model(cfg.model)
+    load_lora_into(model, cfg, run)
     reward = build_reward("shapes")
     items = eval_set(per_tag, "train", seed=seed)
     texts, seeds = [it.prompt.text for it in items], [it.seed for it in items]
@@ -50,7 +52,9 @@ def main(argv: list[str]) -> None:
                     RolloutPlan(sigmas=sigmas, kernel=s.kernel, noise_level=s.noise_level, window=window,
                                 guidance_scale=s.guidance_scale)}
     for name, plan in samplers.items():
-        b, t = scores(base, plan, texts, seeds, reward), scores(tuned, plan, texts, seeds, reward)
+        with adapters_disabled(model):
+            b = scores(model, plan, texts, seeds, reward)
+        t = scores(model, plan, texts, seeds, reward)
         d = t - b
         print(json.dumps({"run": run, "sampler": name, "items": len(d), "base": round(b.mean(), 4),
                           "tuned": round(t.mean(), 4), "gain": round(d.mean(), 4),

@@ -88,7 +88,15 @@ def cmd_eval(args) -> int:
             return evaluate(m, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
                             per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed)
 
-    base = run_eval(load_model(cfg.model)) if args.paired else None
+    base = None
+    if args.paired:
+        from .export import adapters_disabled, has_lora
+
+        if has_lora(model.transformer):  # the base model is the loaded one with its adapters off
+            with adapters_disabled(model):
+                base = run_eval(model)
+        else:  # full fine-tuning replaced the weights: load the base model again
+            base = run_eval(load_model(cfg.model))
     res = run_eval(model)
     out = {k: v for k, v in res.items() if k in ("strict", "partial", "per_tag", "n")}
     if base is not None:

@@ -50,6 +50,16 @@ def swapped_transformer(model, transformer):
         model.transformer = original
 
 
+@contextmanager
+def adapters_disabled(model):
+    """Temporarily run ``model`` as its base model: the LoRA adapters of its transformer switched off."""
+    model.transformer.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.transformer.enable_adapters()
+
+
 def make_reference(model, *, copy_weights: bool | None = None) -> Callable:
     """The KL reference policy as ``velocity_ref(x, sigma, cond, uncond=None, guidance_scale=1.0)`` (no grad, fp32).
 
@@ -61,12 +71,8 @@ def make_reference(model, *, copy_weights: bool | None = None) -> Callable:
         copy_weights = not has_lora(model.transformer)
     if not copy_weights:
         def velocity_ref(x, sigma, cond, uncond=None, guidance_scale=1.0):
-            with torch.no_grad():
-                model.transformer.disable_adapters()
-                try:
-                    return model.velocity(x, sigma, cond, uncond, guidance_scale)
-                finally:
-                    model.transformer.enable_adapters()
+            with torch.no_grad(), adapters_disabled(model):
+                return model.velocity(x, sigma, cond, uncond, guidance_scale)
 
         velocity_ref.transformer = None
         return velocity_ref

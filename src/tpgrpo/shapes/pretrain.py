@@ -69,11 +69,9 @@ def _slots(spec: PromptSpec) -> tuple:
 
 def neighbours(prompts: list[PromptSpec]) -> dict[str, list[PromptSpec]]:
     """For each prompt, the prompts of the same tag in ``prompts`` that differ from it in exactly one slot."""
-    out: dict[str, list[PromptSpec]] = {}
-    for p in prompts:
-        sp = _slots(p)
-        out[p.text] = [q for q in prompts if q.tag == p.tag and sum(a != b for a, b in zip(sp, _slots(q))) == 1]
-    return out
+    slots = [_slots(p) for p in prompts]
+    return {p.text: [q for q, sq in zip(prompts, slots) if q.tag == p.tag and sum(a != b for a, b in zip(sp, sq)) == 1]
+            for p, sp in zip(prompts, slots)}
 
 
 def draw_example(rng: random.Random, by_tag: dict[str, list[PromptSpec]], near: dict[str, list[PromptSpec]],
@@ -111,10 +109,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     state_path = out / "pretrain_state.pt"
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    if cfg.init:
-        model = ShapesModel.load(cfg.init, autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
-    else:
-        model = ShapesModel(autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    autocast = torch.bfloat16 if cfg.bf16 else None
+    model = ShapesModel.load(cfg.init, autocast_dtype=autocast) if cfg.init else ShapesModel(autocast_dtype=autocast)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if state_path.exists():
