@@ -39,6 +39,19 @@ def test_bench_covers_every_method(tiny_model_path, tmp_path):
     md = (tmp_path / "b.md").read_text()
     assert "DanceGRPO" in md and "TP-GRPO, one state at a time" in md
     assert json.loads((tmp_path / "b.json").read_text())["peak_rss_mib"] > 0
+    for x in r["rollout"].values():
+        assert x["samples_per_s"] == pytest.approx(x["samples"] / x["rollout_s"])
+    assert "CPU threads" in md and "peak GPU" not in md  # GPU columns only on a GPU
+
+
+@pytest.mark.parametrize("preset, needle", [("flow_grpo", "METHOD=CONFIG"), ("nope=configs/default.yaml", "nope"),
+                                            ("flow_grpo=no_such.yaml", "no_such.yaml")])
+def test_bench_bad_preset_is_one_line(preset, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", preset])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bench: --preset") and needle in err[0]
 
 
 def _spec(tmp_path, tiny_model_path, arms=None):

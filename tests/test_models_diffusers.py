@@ -411,3 +411,36 @@ def test_trainer_runs_one_epoch(pipeline_dirs, family, tmp_path):
     assert summary["epoch"] == 1
     after = trainer.lora_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# --- the random SD3.5-M-sized pipeline of the GPU benchmark (scripts/make_random_pipeline.py) -------------------
+def _random_pipeline_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_random_pipeline", REPO / "scripts" / "make_random_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_random_pipeline_is_sd35m_sized():
+    from diffusers import SD3Transformer2DModel
+
+    mod = _random_pipeline_script()
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        n = sum(p.numel() for p in SD3Transformer2DModel(**mod.SD35M_TRANSFORMER).parameters())
+    assert 2.2e9 < n < 2.3e9  # SD3.5 Medium's MMDiT-X: 2.24 B
+
+
+def test_random_pipeline_script_builds_a_loadable_pipeline(tmp_path):
+    _random_pipeline_script().main([str(tmp_path / "p"), "--size", "tiny", "--dtype", "fp32", "--device", "cpu"])
+    model = load_model(ModelConfig(kind="sd3", path=str(tmp_path / "p"), resolution=64, max_sequence_length=SEQ,
+                                   device="cpu"))
+    assert model.latent_shape() == (16, 8, 8)
+    cond = model.encode_prompts(PROMPTS)
+    # the stand-in encoders have SD3.5's output widths: CLIP-L + CLIP-G = 2048 pooled, T5 = 4096 per token
+    assert cond.pooled.shape == (2, 2048) and cond.hidden.shape == (2, 77 + SEQ, 4096)
+    x = torch.randn(2, *model.latent_shape(), generator=torch.Generator().manual_seed(0))
+    v = model.velocity(x, 0.5, cond, model.encode_prompts([""]).expand(2), guidance_scale=4.5)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    assert model.decode(x).shape == (2, 64, 64, 3)

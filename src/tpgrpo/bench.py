@@ -6,9 +6,12 @@
   copies (target ≤ 1.1);
 * lockstep against one-state-at-a-time completion;
 * a TP-GRPO epoch (sample, score, credit, optimise) against a Flow-GRPO epoch at the same settings (target ≤ 2.0
-  on CPU); the epoch's time split.
+  on CPU, ≤ 1.6 on a GPU); the epoch's time split; throughput in samples per second;
+* on a GPU, the peak GPU memory of each rollout and of each epoch's optimisation phase.
 
-Measurements are interleaved and repeated; medians are reported. Output: JSON and a markdown table next to it.
+The first run of every rollout variant is its warm-up (and the one whose calls and memory are counted); then the
+variants are run ``repeats`` times, interleaved, and medians are reported. On a GPU every timed region ends with a
+synchronisation. Output: JSON and a markdown table next to it.
 """
 
 from __future__ import annotations
@@ -27,12 +30,34 @@ from .config import Config
 from .trainer import Trainer
 
 
+def _now() -> float:
+    """Wall clock after the GPU (if any) has finished the work queued so far."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _reset_gpu_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{torch.get_num_threads()} CPU threads"
+
+
 def _median_time(fn, repeats: int) -> float:
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _now()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(_now() - t0)
     return statistics.median(ts)
 
 
@@ -86,19 +111,22 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
         gens = make_generators(range(len(prompts)))
         return trainers[name].rollouts(prompts, window, noise, gens, completion)
 
-    # rollouts: TP-GRPO lockstep and one-state-at-a-time, every other method; interleaved repeats, medians
+    # rollouts: TP-GRPO lockstep and one-state-at-a-time, every other method; the first run of each is its warm-up
+    # (its calls and peak memory are recorded), then interleaved timed repeats, medians
     variants = {"tpgrpo": ("tpgrpo", None), "tpgrpo_sequential": ("tpgrpo", "sequential")}
     variants.update({k: (k, None) for k in trainers if k != "tpgrpo"})
+    parts, rollout_peak = {}, {}
     with torch.no_grad():
-        for name, completion in variants.values():
-            rollout(name, completion)  # warm-up
-        parts = {v: rollout(*variants[v]) for v in variants}
+        for v in variants:
+            _reset_gpu_peak()
+            parts[v] = rollout(*variants[v])
+            rollout_peak[v] = _gpu_peak_gib()
         times = {v: [] for v in variants}
         for _ in range(repeats):
             for v in variants:
-                t0 = time.perf_counter()
+                t0 = _now()
                 rollout(*variants[v])
-                times[v].append(time.perf_counter() - t0)
+                times[v].append(_now() - t0)
     rollout_time = {k: statistics.median(v) for k, v in times.items()}
     cfg_rows = {v: 2 if trainers[variants[v][0]].cfg.sampling.guidance_scale != 1.0 else 1 for v in variants}
     rows = {r * cfg_rows[v] for v, p in parts.items() for ro in p for r in ro.call_rows}
@@ -107,7 +135,8 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
     result: dict = {"config": {"samples": n, "num_steps": cfg.sampling.num_steps, "window": inputs["tpgrpo"][3],
                                "guidance_scale": cfg.sampling.guidance_scale, "max_batch": cfg.training.max_batch,
                                "sample_batch_size": cfg.training.sample_batch_size,
-                               "threads": torch.get_num_threads()},
+                               "threads": torch.get_num_threads(), "device": _device_name(),
+                               "model": cfg.model.kind, "resolution": getattr(tp.model, "resolution", None)},
                     "rollout": {}}
     for v, p in parts.items():
         # final images scored: one per sample, plus TempFlow's children ([N, W, C, *latent])
@@ -123,27 +152,40 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
             "rollout_s": rollout_time[v],
             "bare_calls_s": ideal,
             "overhead_ratio": rollout_time[v] / ideal,
+            "samples_per_s": samples / rollout_time[v],
+            "peak_gpu_gib": rollout_peak[v],
         }
     result["lockstep_speedup_vs_sequential"] = rollout_time["tpgrpo_sequential"] / rollout_time["tpgrpo"]
 
     # whole epochs (sample, score, credit, optimise), interleaved over methods
     epoch_t = {k: [] for k in trainers}
     split = {k: [] for k in trainers}
+    train_peak = {k: None for k in trainers}
     for rep in range(repeats):
         for name, tr in trainers.items():
-            t0 = time.perf_counter()
+            t0 = _now()
             batch, info = tr.collect(1 + rep)
-            t1 = time.perf_counter()
+            t1 = _now()
+            _reset_gpu_peak()
             tr.optimise(batch, 1 + rep)
-            epoch_t[name].append(time.perf_counter() - t0)
+            t2 = _now()
+            peak = _gpu_peak_gib()
+            if peak is not None:
+                train_peak[name] = max(peak, train_peak[name] or 0.0)
+            epoch_t[name].append(t2 - t0)
             split[name].append({"rollout_s": info["time_rollout"], "score_s": info["time_score"],
-                                "credit_s": info["time_credit"], "train_s": time.perf_counter() - t1})
+                                "credit_s": info["time_credit"], "train_s": t2 - t1})
     result["epoch"] = {k: {"median_s": statistics.median(v),
-                           **{p: statistics.median(x[p] for x in split[k]) for p in split[k][0]}}
+                           **{p: statistics.median(x[p] for x in split[k]) for p in split[k][0]},
+                           "samples_per_s": len(inputs[k][0]) / statistics.median(v),
+                           "train_peak_gpu_gib": train_peak[k]}
                        for k, v in epoch_t.items()}
     flow = result["epoch"].get("flow_grpo", {}).get("median_s")
     result["epoch_cost_vs_flow_grpo"] = {k: e["median_s"] / flow for k, e in result["epoch"].items()} if flow else {}
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = max([x for x in [*rollout_peak.values(), *train_peak.values()] if x is not None])
+        result["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2))
@@ -155,30 +197,41 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
 
 def markdown_table(r: dict) -> str:
     c = r["config"]
+    gpu = r.get("peak_gpu_gib") is not None
+    where = c.get("device", f"{c['threads']} CPU threads")
+    model = f"{c.get('model', 'shapes')} model" + (f" at {c['resolution']}²" if c.get("resolution") else "")
     lines = [
-        f"Benchmark: TP-GRPO on {c['samples']} samples, T = {c['num_steps']}, window steps {c['window'][0]}–"
-        f"{c['window'][-1]}, CFG {c['guidance_scale']}, max batch {c['max_batch']}, sampling micro-batch "
-        f"{c['sample_batch_size']}, {c['threads']} CPU threads; the other methods on their shapes presets.",
+        f"Benchmark on {where}, {model}: TP-GRPO on {c['samples']} samples, T = {c['num_steps']}, window steps "
+        f"{c['window'][0]}–{c['window'][-1]}, CFG {c['guidance_scale']}, max batch {c['max_batch']}, sampling "
+        f"micro-batch {c['sample_batch_size']}; the other methods on their presets.",
         "",
-        "| rollout | samples | evaluations / sample | transformer calls | rollout time (s) | bare calls (s) | overhead |",
-        "|---|---|---|---|---|---|---|",
+        "| rollout | samples | evaluations / sample | transformer calls | rollout time (s) | samples / s | bare calls (s) "
+        "| overhead |" + (" peak GPU memory (GiB) |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for k, x in r["rollout"].items():
         label = "TP-GRPO, one state at a time" if k == "tpgrpo_sequential" else (
             "TP-GRPO, lockstep" if k == "tpgrpo" else LABELS.get(k, k))
         lines.append(f"| {label} | {x['samples']} | {x['evaluations_per_sample']:.0f} | {x['transformer_invocations']}"
-                     f" | {x['rollout_s']:.2f} | {x['bare_calls_s']:.2f} | {x['overhead_ratio']:.3f} |")
+                     f" | {x['rollout_s']:.2f} | {x.get('samples_per_s', x['samples'] / x['rollout_s']):.2f} | "
+                     f"{x['bare_calls_s']:.2f} | {x['overhead_ratio']:.3f} |"
+                     + (f" {x['peak_gpu_gib']:.1f} |" if gpu else ""))
     lines += [
         "",
         f"Lockstep speed-up over one-state-at-a-time completion: {r['lockstep_speedup_vs_sequential']:.2f}×.",
         "",
-        "| epoch | total (s) | rollout (s) | scoring (s) | credit (s) | training (s) | ÷ Flow-GRPO epoch |",
-        "|---|---|---|---|---|---|---|",
+        "| epoch | total (s) | rollout (s) | scoring (s) | credit (s) | training (s) | ÷ Flow-GRPO epoch |"
+        + (" training peak GPU memory (GiB) |" if gpu else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for k, x in r["epoch"].items():
         ratio = r["epoch_cost_vs_flow_grpo"].get(k)
         lines.append(f"| {LABELS.get(k, k)} | {x['median_s']:.2f} | {x['rollout_s']:.2f} | {x['score_s']:.2f} | "
-                     f"{x['credit_s']:.3f} | {x['train_s']:.2f} | {f'{ratio:.2f}' if ratio else '—'} |")
-    lines += ["", f"Peak RSS {r['peak_rss_mib']:.0f} MiB. Targets (DESIGN §9): overhead ≤ 1.1, TP-GRPO epoch ≤ 2.0× "
-              "Flow-GRPO's on CPU.", ""]
+                     f"{x['credit_s']:.3f} | {x['train_s']:.2f} | {f'{ratio:.2f}' if ratio else '—'} |"
+                     + (f" {x['train_peak_gpu_gib']:.1f} |" if gpu else ""))
+    mem = f"Peak RSS {r['peak_rss_mib']:.0f} MiB"
+    if gpu:
+        mem += f"; peak GPU memory {r['peak_gpu_gib']:.1f} of {r['gpu_total_gib']:.0f} GiB"
+    lines += ["", f"{mem}. Targets (DESIGN §9): overhead ≤ 1.1; TP-GRPO epoch ≤ 2.0× Flow-GRPO's on CPU, ≤ 1.6× on a "
+              "GPU.", ""]
     return "\n".join(lines)

@@ -127,9 +127,20 @@ def cmd_pretrain(args) -> int:
 
 def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from .bench import run_bench
+    from .bench import METHOD_PRESETS, run_bench
 
-    run_bench(cfg, out_json=Path(args.out), repeats=args.repeats, overrides=args.overrides)
+    presets = None
+    if args.preset:
+        presets = {}
+        for item in args.preset:
+            name, sep, path = item.partition("=")
+            if not sep or name not in METHOD_PRESETS:
+                return _fail(f"bench: --preset {item!r}: expected METHOD=CONFIG with METHOD one of "
+                             f"{', '.join(METHOD_PRESETS)}")
+            if not Path(path).is_file():
+                return _fail(f"bench: --preset {item!r}: config file not found: {path}")
+            presets[name] = path
+    run_bench(cfg, out_json=Path(args.out), repeats=args.repeats, presets=presets, overrides=args.overrides)
     return 0
 
 
@@ -208,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--preset", action="append", metavar="METHOD=CONFIG",
+                   help="benchmark METHOD (flow_grpo, dance_grpo, tempflow_grpo) on this preset, with --config's "
+                        "model and the same overrides; repeatable; when given, only the named methods run beside "
+                        "TP-GRPO (default: every method on its shapes preset)")
     p.set_defaults(fn=cmd_bench)
 
     from .export import add_export_lora_parser

@@ -563,6 +563,9 @@ class Trainer:
                 info.update(self.optimise(batch, epoch))
                 info["time_train"] = time.perf_counter() - t1
                 info["time_epoch"] = time.perf_counter() - t0
+                if self.model.device.type == "cuda":  # the epoch's peak (the counter is reset after logging)
+                    info["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.model.device) / 2 ** 30
+                    torch.cuda.reset_peak_memory_stats(self.model.device)
                 self.epoch = epoch
                 record = {"epoch": epoch, **info}
                 if epoch % t.eval_every == 0 or epoch == t.epochs:
