@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tpgrpo.models.sd3 import DTYPES
+
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers"
 
 SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--size", choices=["sd35m", "tiny"], default="sd35m")
-    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the random initialisation runs (a GPU makes the 2.2 B-parameter init fast)")
     ap.add_argument("--seed", type=int, default=0)
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         pipe = build(args.size)
-    pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    pipe.to(dtype=DTYPES[args.dtype])
     n = sum(p.numel() for p in pipe.transformer.parameters())
     pipe.save_pretrained(str(args.out), safe_serialization=True)
     print(f"{args.out}: {args.size} pipeline, transformer {n / 1e9:.3f} B parameters, {args.dtype}, "

@@ -184,7 +184,7 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
     result["epoch_cost_vs_flow_grpo"] = {k: e["median_s"] / flow for k, e in result["epoch"].items()} if flow else {}
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
-        result["peak_gpu_gib"] = max([x for x in [*rollout_peak.values(), *train_peak.values()] if x is not None])
+        result["peak_gpu_gib"] = max(*rollout_peak.values(), *train_peak.values())
         result["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -198,10 +198,9 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
 def markdown_table(r: dict) -> str:
     c = r["config"]
     gpu = r.get("peak_gpu_gib") is not None
-    where = c.get("device", f"{c['threads']} CPU threads")
-    model = f"{c.get('model', 'shapes')} model" + (f" at {c['resolution']}²" if c.get("resolution") else "")
+    model = f"{c['model']} model" + (f" at {c['resolution']}²" if c["resolution"] else "")
     lines = [
-        f"Benchmark on {where}, {model}: TP-GRPO on {c['samples']} samples, T = {c['num_steps']}, window steps "
+        f"Benchmark on {c['device']}, {model}: TP-GRPO on {c['samples']} samples, T = {c['num_steps']}, window steps "
         f"{c['window'][0]}–{c['window'][-1]}, CFG {c['guidance_scale']}, max batch {c['max_batch']}, sampling "
         f"micro-batch {c['sample_batch_size']}; the other methods on their presets.",
         "",
@@ -213,7 +212,7 @@ def markdown_table(r: dict) -> str:
         label = "TP-GRPO, one state at a time" if k == "tpgrpo_sequential" else (
             "TP-GRPO, lockstep" if k == "tpgrpo" else LABELS.get(k, k))
         lines.append(f"| {label} | {x['samples']} | {x['evaluations_per_sample']:.0f} | {x['transformer_invocations']}"
-                     f" | {x['rollout_s']:.2f} | {x.get('samples_per_s', x['samples'] / x['rollout_s']):.2f} | "
+                     f" | {x['rollout_s']:.2f} | {x['samples_per_s']:.2f} | "
                      f"{x['bare_calls_s']:.2f} | {x['overhead_ratio']:.3f} |"
                      + (f" {x['peak_gpu_gib']:.1f} |" if gpu else ""))
     lines += [
