@@ -3,6 +3,8 @@
 #
 #   bash scripts/gpu_check.sh smoke OUTDIR    # 2 TP-GRPO epochs + evaluation + checkpoint, then resume for a third
 #   bash scripts/gpu_check.sh bench OUTDIR    # tpgrpo bench: TP-GRPO (lockstep and one state at a time) vs Flow-GRPO
+#   bash scripts/gpu_check.sh mismatch OUTDIR # rollout/training log-prob mismatch: TP-GRPO (cps) and Flow-GRPO (sde),
+#                                             # 2 epochs each with and without training.recompute_old_logprobs
 #
 # Environment: EXTRA="section.field=value ..." adds overrides (e.g. tpgrpo.completion_steps=3), NAME names the
 # outputs (default: smoke / bench_sd35m), REPEATS sets the benchmark's repeats (default 2).
@@ -10,7 +12,7 @@
 # Needs a CUDA GPU, python3 with torch and tpgrpo's dependencies importable (PYTHONPATH may point at src/), and
 # writes logs, metrics and the benchmark's JSON/markdown into OUTDIR. Results: docs/gpu.md.
 set -euo pipefail
-stage=${1:?stage: smoke or bench}
+stage=${1:?stage: smoke, bench or mismatch}
 out=${2:?output directory}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -52,7 +54,8 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
             if k in ("epoch", "reward_mean", "ratio_first", "loss", "kl", "grad_norm", "time_rollout", "time_train",
-                     "time_epoch", "time_eval", "evaluations_per_sample", "peak_gpu_gib")}
+                     "time_epoch", "time_eval", "evaluations_per_sample", "peak_gpu_gib", "first_update_ratio_max_dev",
+                     "first_update_clipfrac", "old_logprob_max_dev", "old_logprob_clipfrac", "clipfrac")}
     if "eval" in r:
         keep["eval"] = {k: v for k, v in r["eval"].items() if not isinstance(v, list)}
     print(keep)
@@ -65,6 +68,28 @@ bench)
         || { tail -30 "$out/$name.log"; exit 1; }
     cat "$out/$name.md"
     ;;
+mismatch)
+    for preset in sd35m_tpgrpo sd35m_flow_grpo; do
+        for recompute in false true; do
+            name=mismatch_${preset}_recompute_$recompute
+            run=/tmp/gpu_$name
+            rm -rf "$run"
+            $py -m tpgrpo.cli train -c configs/$preset.yaml "${common[@]}" run_dir=$run training.epochs=2 \
+                training.recompute_old_logprobs=$recompute data.eval_per_tag=1 sampling.eval_num_steps=2 \
+                training.eval_every=100 training.checkpoint_every=100 > "$out/$name.log" 2>&1 \
+                || { tail -30 "$out/$name.log"; exit 1; }
+            cp $run/metrics.jsonl "$out/$name.jsonl"
+            $py - "$out/$name.jsonl" "$name" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "first_update_ratio_max_dev" in r:
+        print(sys.argv[2], {k: r.get(k) for k in ("epoch", "first_update_ratio_max_dev", "first_update_clipfrac",
+              "old_logprob_max_dev", "old_logprob_clipfrac", "ratio_max_dev", "clipfrac", "time_train")})
+EOF
+        done
+    done
+    ;;
 *)
-    echo "unknown stage $stage (smoke or bench)" >&2; exit 2;;
+    echo "unknown stage $stage (smoke, bench or mismatch)" >&2; exit 2;;
 esac

@@ -16,10 +16,9 @@ import torch
 
 from tpgrpo.config import load_config
 from tpgrpo.export import adapters_disabled, load_lora_into
-from tpgrpo.models import load_model
+from tpgrpo.models import load_model, model_sigmas
 from tpgrpo.rewards import build_reward
 from tpgrpo.rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
-from tpgrpo.sampling import sigma_schedule
 from tpgrpo.shapes.grammar import eval_set
 
 
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> None:
     reward = build_reward("shapes")
     items = eval_set(per_tag, "train", seed=seed)
     texts, seeds = [it.prompt.text for it in items], [it.seed for it in items]
-    sigmas = sigma_schedule(s.num_steps, s.shift)
+    sigmas = model_sigmas(model, s, s.num_steps)
     window = tuple(range(s.window_start_min, s.window_start_min + s.window_size))
     samplers = {"ode": RolloutPlan(sigmas=sigmas, window=(), guidance_scale=s.guidance_scale),
                 f"{s.kernel}(η={s.noise_level}) window {window[0]}–{window[-1]}":

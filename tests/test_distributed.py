@@ -23,7 +23,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 # 12 samples in groups of 4 over 2 processes: process 0 owns samples 0-5, process 1 owns 6-11, so prompt group 1
 # (samples 4-7) spans both; train micro-batches of 4 mix rows of both processes.
 SPLIT = {"reward.name": "jpeg_compressibility", "training.prompts_per_epoch": 3, "training.group_size": 4,
-         "training.sample_batch_size": 2, "training.train_batch_size": 4}
+         "training.sample_batch_size": 2, "training.train_batch_size": 4,
+         "data.eval_batch_size": 2}  # 6 evaluation items in 3 chunks: both processes evaluate
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 

@@ -13,7 +13,7 @@ import torch
 from tpgrpo.config import ModelConfig, load_config
 from tpgrpo.export import (LORA_WEIGHT_NAME, add_lora, export_lora, export_lora_cli, load_lora_into, make_reference,
                            prepare_full_finetune)
-from tpgrpo.models import load_model
+from tpgrpo.models import load_model, model_sigmas
 from tpgrpo.rollout import RolloutPlan, initial_noise, make_generators, sample_ode, sample_rollout
 from tpgrpo.sampling import log_prob, sigma_schedule, transition
 
@@ -156,20 +156,18 @@ def test_ode_sampling_matches_the_diffusers_pipeline(pipeline_dirs, family):
     x, cond, uncond = _inputs(model)
     T, g = 3, 3.5
     pipe = model.pipe
+    sig = model_sigmas(model, load_config(None, [f"sampling.shift={pipe.scheduler.config.shift}"]).sampling, T)
     if family == "sd3":
-        sig = sigma_schedule(T, pipe.scheduler.config.shift)
         ours = sample_ode(model, sig, cond, uncond, x, g)
         ref = pipe(prompt_embeds=cond.hidden, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=uncond.hidden,
                    negative_pooled_prompt_embeds=uncond.pooled, latents=x.clone(), num_inference_steps=T,
                    guidance_scale=g, height=RES, width=RES, output_type="latent").images
-    else:
-        sig = sigma_schedule(T, mu=model.schedule_mu())
+    else:  # FluxPipeline's own σ grid (linspace(1, 1/T, T), shifted by μ): what users evaluate with
         ours = sample_ode(model, sig, cond, None, x, g)
         packed = pipe(prompt_embeds=cond.hidden, pooled_prompt_embeds=cond.pooled, latents=model.pack(x.clone()),
-                      num_inference_steps=T, sigmas=np.linspace(1.0, 1 / 1000, T).tolist(), guidance_scale=g,
-                      height=RES, width=RES, output_type="latent").images
+                      num_inference_steps=T, guidance_scale=g, height=RES, width=RES, output_type="latent").images
         ref = model.unpack(packed, RES // 2, RES // 2)
-        assert torch.allclose(pipe.scheduler.sigmas, sig, atol=1e-6)
+        assert torch.allclose(pipe.scheduler.sigmas, sig, atol=1e-7)
     torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-4)
 
 

@@ -37,6 +37,7 @@ def group_advantages(
     std: str = "group",
     eps: float = 1e-4,
     clip: float | None = None,
+    unbiased: bool = False,
 ) -> torch.Tensor:
     """GRPO advantages ``(R − mean_group) / (std + eps)`` (DESIGN.md §3.1).
 
@@ -46,9 +47,12 @@ def group_advantages(
         group_ids: ``[N]`` integer group of each sample (prompt group, TempFlow seed group, …).
         std: ``"group"`` — the std of the sample's group; ``"global"`` — the std over the whole batch, per column
             (the Flow-GRPO reference's ``global_std``). The mean is always the group's. Both are *population*
-            stds (``unbiased=False``), as in the reference (numpy ``std``).
-        eps: added to the std (1e-4 in every reference). With ``eps = 0`` a zero std gives advantage 0.
+            stds (``unbiased=False``), as in the Flow-GRPO reference (numpy ``std``), unless ``unbiased``.
+        eps: added to the std (1e-4 in Flow-GRPO, TP-GRPO and TempFlow-GRPO; 1e-8 in DanceGRPO). With ``eps = 0``
+            a zero std gives advantage 0.
         clip: if given, clamp advantages to ``±clip``.
+        unbiased: use the sample std (divide by n − 1), as DanceGRPO's ``torch.Tensor.std()`` does; a group of one
+            sample then has no std and gets advantage 0.
 
     Returns:
         Advantages with the shape of ``rewards``. A group of size 1 gets advantage 0 (its mean is its value).
@@ -84,9 +88,10 @@ def group_advantages(
     centered = x64 - (sums / counts)[inv]
     if std == "group":
         sq = torch.zeros_like(sums).index_add_(0, inv, centered * centered)
-        sd = torch.sqrt(sq / counts)[inv]
+        dof = (counts - 1).clamp(min=1) if unbiased else counts
+        sd = torch.sqrt(sq / dof)[inv]
     else:
-        sd = x64.std(dim=0, unbiased=False, keepdim=True).expand_as(x64)
+        sd = x64.std(dim=0, unbiased=unbiased, keepdim=True).expand_as(x64)
     denom = sd + eps
     adv = torch.where(denom > 0, centered / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.0)
     if clip is not None:

@@ -60,10 +60,9 @@ def cmd_eval(args) -> int:
     import torch
 
     from .evaluation import evaluate, save_eval_grid
-    from .models import load_model
+    from .models import load_model, model_sigmas
     from .prompts import load_prompt_source
     from .rewards import build_reward
-    from .sampling import sigma_schedule
 
     try:
         model = load_model(cfg.model)
@@ -81,12 +80,13 @@ def cmd_eval(args) -> int:
             load_lora_into(model, cfg, args.lora)
         except (ValueError, FileNotFoundError) as e:
             _fail(f"--lora: {e}")
-    sig = sigma_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift)
+    sig = model_sigmas(model, cfg.sampling, cfg.sampling.eval_num_steps)
 
-    def run_eval(m):
+    def run_eval(m):  # the trainer's evaluation: same schedule, chunking and model-call batch
         with torch.no_grad():
             return evaluate(m, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
-                            per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed)
+                            per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch,
+                            chunk=cfg.data.eval_batch_size)
 
     base = None
     if args.paired:

@@ -58,7 +58,13 @@ class ModelConfig(_Section):
 class SamplingConfig(_Section):
     num_steps: int = Field(10, ge=2, description="denoising steps of a training rollout (T)")
     eval_num_steps: int = Field(20, ge=1)
-    shift: float = Field(1.0, gt=0)
+    shift: float = Field(1.0, gt=0, description="static σ shift (ignored where the model sets a dynamic one, FLUX, "
+                                                "except with spacing linspace)")
+    spacing: Literal["auto", "scheduler", "flux_pipeline", "linspace"] = Field(
+        "auto", description="σ grid before the shift: auto = the model's own pipeline (FLUX: flux_pipeline, others: "
+                            "scheduler); scheduler = the diffusers scheduler's default timesteps; flux_pipeline = "
+                            "FluxPipeline's linspace(1, 1/T, T); linspace = DanceGRPO's linspace(1, 0, T+1) with "
+                            "the static shift")
     guidance_scale: float = Field(3.0, ge=1.0)
     kernel: Literal["sde", "cps", "dance"] = "cps"
     noise_level: float = Field(0.7, gt=0, description="a (sde), η (cps, dance)")
@@ -84,13 +90,18 @@ class DataConfig(_Section):
     eval_prompts: str = "shapes:test"
     eval_per_tag: int = Field(16, ge=1)
     eval_seed: int = Field(0, description="fixes the evaluation set (prompts and noise), independent of the run seed")
+    eval_batch_size: int = Field(128, ge=1, description="evaluation items sampled, decoded and scored together; the "
+                                                        "unit of work split over processes")
 
 
 class RewardConfig(_Section):
     name: str = "shapes"
     weights: dict[str, float] = Field(default_factory=dict,
                                       description="several rewards by name with weights (overrides name)")
-    aggregate: Literal["reward", "advantage"] = "reward"
+    aggregate: Literal["reward", "advantage", "loss"] = Field(
+        "reward", description="several rewards: reward = weighted sum of rewards, one credit; advantage = credit per "
+                              "reward, weighted sum of advantages, one clipped term; loss = credit per reward, each "
+                              "its own clipped term, weighted sum of the losses (DanceGRPO)")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                description="constructor options per reward name, e.g. {ocr: {psm: 7}}")
 
@@ -114,6 +125,13 @@ class TrainingConfig(_Section):
     clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
     beta: float = Field(0.0, ge=0, description="KL weight")
+    kl_variance: Literal["transition", "noise_scale"] = Field(
+        "transition", description="KL = mean((μ_θ − μ_ref)²) / (2·var): transition = the transition variance std² "
+                                  "(the per-step Gaussian KL); noise_scale = the kernel's noise scale² without Δ "
+                                  "(Flow-GRPO's code under sde; the same as transition under cps)")
+    recompute_old_logprobs: bool = Field(
+        False, description="old log-probs from the training forward pass (one extra forward per trained transition) "
+                           "instead of the rollout's: the first update's ratio is then exactly 1 on any hardware")
     global_std: bool = False
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16, gt=0)
@@ -146,6 +164,9 @@ class TPGRPOConfig(_Section):
 
 class DanceConfig(_Section):
     timestep_fraction: float = Field(0.6, gt=0, le=1)
+    unbiased_std: bool = Field(True, description="group std with n − 1 (the DanceGRPO reference); false: the "
+                                                 "population std of the other methods")
+    std_eps: float = Field(1e-8, ge=0, description="added to the group std (reference 1e-8; the other methods 1e-4)")
 
 
 class TempFlowConfig(_Section):

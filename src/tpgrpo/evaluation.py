@@ -1,8 +1,8 @@
 """Evaluation: deterministic ODE sampling of a fixed, tag-balanced prompt set with fixed seeds; strict and partial
 scores per tag and overall (mean over tags, as GenEval reports).
 
-With several processes each one samples and scores every P-th item (same seed per item) and the images and scores
-are gathered, so the result is the single-process one."""
+Items are processed in fixed chunks; with several processes each one samples and scores every P-th chunk (same seed
+per item, same composition) and the images and scores are gathered, so the result is the single-process one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import distributed as dist
-from .models.base import FlowModel, PromptEmbeds
+from .models.base import FlowModel, PromptEmbeds, encode_each
 from .prompts import PromptSource
 from .rollout import initial_noise, make_generators, sample_ode
 
@@ -24,20 +24,29 @@ from .rollout import initial_noise, make_generators, sample_ode
 def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Tensor, *, guidance_scale: float,
              per_tag: int, seed: int = 0, max_batch: int = 256, embed: Callable | None = None,
              uncond: PromptEmbeds | None = None, chunk: int = 128) -> dict:
+    """Sample, decode and score the evaluation items ``chunk`` at a time.
+
+    The chunk is the unit of work: chunk c (items [c·chunk, (c+1)·chunk)) is computed by process c mod P, in the
+    same composition whatever P is, so the scores do not depend on the number of processes by construction."""
+    if chunk < 1:
+        raise ValueError(f"evaluate: chunk must be >= 1, got {chunk}")
     all_items = source.eval_items(per_tag, seed)
-    mine = list(range(dist.rank(), len(all_items), dist.world_size()))  # every item with one process
-    items = [all_items[i] for i in mine]
-    embed = embed or model.encode_prompts
+    starts = range(0, len(all_items), chunk)
+    my_starts = [lo for c, lo in enumerate(starts) if c % dist.world_size() == dist.rank()]  # all with one process
+    embed = embed or (lambda texts: encode_each(model, texts))
     uncond = uncond if uncond is not None else model.encode_prompts([""])
-    noise = initial_noise(make_generators([it.seed for it in items]), model.latent_shape())
-    images = []
-    for lo in range(0, len(items), chunk):
-        part = items[lo:lo + chunk]
-        lat = sample_ode(model, sigmas, embed([it.text for it in part]), uncond.expand(len(part)),
-                         noise[lo:lo + len(part)], guidance_scale, max_batch)
+    mine: list[int] = []
+    images, scores = [], []
+    for lo in my_starts:
+        part = all_items[lo:lo + chunk]
+        texts = [it.text for it in part]
+        noise = initial_noise(make_generators([it.seed for it in part]), model.latent_shape())
+        lat = sample_ode(model, sigmas, embed(texts), uncond.expand(len(part)), noise, guidance_scale, max_batch)
         images.append(model.decode(lat))
+        scores.append(reward_fn(images[-1], texts))
+        mine += range(lo, lo + len(part))
     images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
-    scores = reward_fn(images, [it.text for it in items]) if items else {}
+    scores = {k: np.concatenate([np.asarray(s[k]) for s in scores]) for k in scores[0]} if scores else {}
     if dist.world_size() > 1:
         images, scores = _gather(mine, images, scores, len(all_items))
     items = all_items

@@ -79,17 +79,36 @@ def grpo_step_loss(
     beta: float = 0.0,
     adv_clip_max: float | None = 5.0,
     weights: Any = None,
+    term_weights: Any = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar loss for one trained step: ``mean(policy loss, weighted) + β·mean(kl)``.
 
     The per-sample ``weights`` multiply the policy term only; the KL term is unweighted (DESIGN.md §3.3).
     ``kl`` may be None when ``beta == 0``. ``info`` adds ``policy_loss`` and ``kl_loss`` (detached scalars) to
     the entries of :func:`clipped_policy_loss`.
+
+    With ``term_weights`` ``[K]`` the advantages are ``[B, K]``, one column per reward, and each reward gets its own
+    clipped policy term: ``Σ_k term_weights[k] · mean_b(max(−A_bk·ρ_b, −A_bk·clip(ρ_b)))`` + β·mean(kl) (DanceGRPO's
+    advantage-level aggregation, DESIGN.md §3.2; ``reward.aggregate: loss``). It differs from one clipped term on
+    ``Σ_k w_k·A_k`` only where a ratio is clipped.
     """
-    per_sample, info = clipped_policy_loss(
-        logp, logp_old, advantages, clip_range, adv_clip_max=adv_clip_max, weights=weights
-    )
-    policy = per_sample.mean()
+    if term_weights is None:
+        per_sample, info = clipped_policy_loss(
+            logp, logp_old, advantages, clip_range, adv_clip_max=adv_clip_max, weights=weights
+        )
+        policy = per_sample.mean()
+    else:
+        logp = _as_tensor(logp)
+        tw = _as_tensor(term_weights).to(device=logp.device, dtype=logp.dtype)
+        adv = _as_tensor(advantages)
+        if adv.dim() != 2 or adv.shape[1] != tw.numel() or tw.dim() != 1:
+            raise ValueError(f"grpo_step_loss: term_weights [K] needs advantages [B, K], got {tuple(tw.shape)} and "
+                             f"{tuple(adv.shape)}")
+        w = None if weights is None else _as_tensor(weights).unsqueeze(-1)
+        per_term, info = clipped_policy_loss(logp.unsqueeze(-1), _as_tensor(logp_old).unsqueeze(-1), adv, clip_range,
+                                             adv_clip_max=adv_clip_max, weights=w)
+        policy = (per_term.mean(dim=0) * tw).sum()
+        info["ratio"] = info["ratio"][:, 0]
     if kl is None:
         if beta != 0:
             raise ValueError("grpo_step_loss: beta != 0 requires kl")

@@ -26,11 +26,13 @@ import torch
 __all__ = [
     "KINDS",
     "LOGPROB_KINDS",
+    "SPACINGS",
     "sigma_schedule",
     "flux_mu",
     "timestep_from_sigma",
     "transition",
     "transition_std",
+    "noise_scale",
     "step",
     "log_prob",
     "kl_to_reference",
@@ -51,26 +53,34 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = None) -> torch.Tensor:
-    """σ_0 = 1 > … > σ_{num_steps} = 0: diffusers ``FlowMatchEulerDiscreteScheduler`` sigmas (DESIGN.md §2).
+#: σ spacings before the shift (DESIGN.md §2): the scheduler's default, the FLUX pipeline's, DanceGRPO's.
+SPACINGS = ("scheduler", "flux_pipeline", "linspace")
 
-    Equal to ``scheduler.sigmas`` after ``set_timesteps(num_steps)`` (terminal 0 included), reproduced step by
-    step: the scheduler's ``sigma_max``/``sigma_min`` are its 1000 training sigmas (``t/1000``, t = 1000 … 1)
-    with the static shift already applied (fp32); ``set_timesteps`` takes ``num_steps`` timesteps evenly spaced
-    from ``1000·sigma_max`` to ``1000·sigma_min``, divides by 1000 and applies the shift again (float64), then
-    casts to fp32.
+
+def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = None,
+                   spacing: str = "scheduler") -> torch.Tensor:
+    """σ_0 = 1 > … > σ_{num_steps} = 0 as the reference code builds it (DESIGN.md §2).
+
+    ``spacing`` says which σ grid the shift is applied to:
+
+    - ``"scheduler"``: diffusers ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`` (what
+      ``StableDiffusion3Pipeline`` uses): ``num_steps`` timesteps evenly spaced from ``1000·sigma_max`` to
+      ``1000·sigma_min`` (the scheduler's first and last training sigmas, ``t/1000`` for t = 1000 and 1, statically
+      shifted in fp32), divided by 1000 and shifted again (float64), then cast to fp32.
+    - ``"flux_pipeline"``: what ``FluxPipeline`` passes, ``sigmas = linspace(1, 1/T, T)``, cast to fp32 and shifted
+      by the scheduler in fp32 (``set_timesteps(sigmas=…, mu=…)``).
+    - ``"linspace"``: DanceGRPO's ``sd3_time_shift(shift, torch.linspace(1, 0, T + 1))`` in fp32 (static shift; ``mu``
+      is not used).
 
     Args:
         num_steps: number of sampling steps T (≥ 1).
         shift: static shift ``σ ↦ shift·σ / (1 + (shift − 1)·σ)`` (SD3.5: 3.0). Ignored when ``mu`` is given.
         mu: dynamic (FLUX, ``use_dynamic_shifting=True``, exponential) shift
             ``σ ↦ e^mu / (e^mu + (1/σ − 1))``; see :func:`flux_mu`.
+        spacing: one of :data:`SPACINGS`.
 
     Returns:
-        float32 tensor of shape ``[num_steps + 1]``, strictly decreasing from 1 to 0.
-
-    Note: the FLUX *pipeline* passes its own sigmas (``linspace(1, 1/T, T)``) to ``set_timesteps``; this
-    function reproduces the scheduler's default spacing, as for SD3.
+        float32 tensor of shape ``[num_steps + 1]``, strictly decreasing from 1 to 0 (the terminal 0 appended).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"sigma_schedule: num_steps must be an integer >= 1, got {num_steps!r}")
@@ -78,21 +88,29 @@ def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = Non
         raise ValueError(f"sigma_schedule: shift must be a finite number > 0, got {shift!r}")
     if mu is not None and not math.isfinite(mu):
         raise ValueError(f"sigma_schedule: mu must be a finite number, got {mu!r}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"sigma_schedule: unknown spacing {spacing!r}; expected one of {SPACINGS}")
 
-    # Scheduler __init__: training sigmas t/1000 (fp32), statically shifted unless dynamic shifting is on.
-    train_ends = torch.tensor([float(_NUM_TRAIN_TIMESTEPS), 1.0], dtype=torch.float32) / _NUM_TRAIN_TIMESTEPS
-    if mu is None:
-        train_ends = shift * train_ends / (1 + (shift - 1) * train_ends)
-    sigma_max, sigma_min = train_ends[0].item(), train_ends[1].item()
+    if spacing == "linspace":
+        grid = torch.linspace(1, 0, int(num_steps) + 1)
+        return (shift * grid) / (1 + (shift - 1) * grid)
 
-    # set_timesteps: evenly spaced timesteps (float64), back to sigmas, shifted.
-    timesteps = np.linspace(sigma_max * _NUM_TRAIN_TIMESTEPS, sigma_min * _NUM_TRAIN_TIMESTEPS, int(num_steps))
-    sigmas = timesteps / _NUM_TRAIN_TIMESTEPS
+    if spacing == "flux_pipeline":
+        sigmas = np.linspace(1.0, 1 / num_steps, int(num_steps)).astype(np.float32)
+    else:
+        # Scheduler __init__: training sigmas t/1000 (fp32), statically shifted unless dynamic shifting is on.
+        train_ends = torch.tensor([float(_NUM_TRAIN_TIMESTEPS), 1.0], dtype=torch.float32) / _NUM_TRAIN_TIMESTEPS
+        if mu is None:
+            train_ends = shift * train_ends / (1 + (shift - 1) * train_ends)
+        sigma_max, sigma_min = train_ends[0].item(), train_ends[1].item()
+        # set_timesteps: evenly spaced timesteps (float64), back to sigmas.
+        sigmas = np.linspace(sigma_max * _NUM_TRAIN_TIMESTEPS, sigma_min * _NUM_TRAIN_TIMESTEPS,
+                             int(num_steps)) / _NUM_TRAIN_TIMESTEPS
     if mu is None:
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     else:
         sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
-    sigmas = torch.from_numpy(sigmas).to(torch.float32)
+    sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
 
 
@@ -201,6 +219,26 @@ def transition_std(kind: str, sigma: Any, sigma_next: Any, noise_level: float) -
     sig_next = _as_fp32(sigma_next, sig.device)
     sig, sig_next = torch.broadcast_tensors(sig, sig_next)
     noise_level = _validate(kind, sig, sig_next, noise_level)
+    return _std(kind, sig, sig_next, noise_level)
+
+
+def noise_scale(kind: str, sigma: Any, sigma_next: Any, noise_level: float) -> torch.Tensor:
+    """The per-step noise *scale* the reference step functions return as ``std_dev_t`` (DESIGN.md §2), fp32.
+
+    ``sde``: ``s = a·sqrt(σ/(1 − σ))`` (σ_1 in the denominator at σ = 1) — the transition std without ``sqrt(Δ)``;
+    ``dance``: the constant ``η``; ``cps``: ``σ'·sin(η·π/2)``, which *is* the transition std; ``ode``: 0.
+    Flow-GRPO's training script divides its KL by ``2·s²`` (see :func:`kl_to_reference`).
+    """
+    sig = _as_fp32(sigma)
+    sig_next = _as_fp32(sigma_next, sig.device)
+    sig, sig_next = torch.broadcast_tensors(sig, sig_next)
+    noise_level = _validate(kind, sig, sig_next, noise_level)
+    if kind == "ode" or noise_level == 0:
+        return torch.zeros_like(sig)
+    if kind == "sde":
+        return _sde_scale(sig, sig_next, noise_level)
+    if kind == "dance":
+        return torch.full_like(sig, noise_level)
     return _std(kind, sig, sig_next, noise_level)
 
 
@@ -320,8 +358,10 @@ def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: Any, kind: str = "ga
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: Any) -> torch.Tensor:
     """KL to the reference policy per sample: mean over non-batch elements of ``(μ_θ − μ_ref)²/(2·std²)``.
 
-    DESIGN.md §2 (KL between the two Gaussian transitions with the same std, averaged over elements). ``std`` as
-    in :func:`log_prob`. fp32, shape ``[B]``. Raises ValueError when any std ≤ 0.
+    DESIGN.md §2. With ``std`` the transition std it is the KL between the two Gaussian transitions (same std),
+    averaged over elements (``training.kl_variance: transition``); with ``std`` = :func:`noise_scale` it is what
+    Flow-GRPO's training script computes under ``sde`` (``training.kl_variance: noise_scale``; 1/Δ_i times
+    smaller). ``std`` as in :func:`log_prob`. fp32, shape ``[B]``. Raises ValueError when any std ≤ 0.
     """
     if mean.shape != mean_ref.shape:
         raise ValueError(

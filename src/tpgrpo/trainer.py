@@ -35,13 +35,13 @@ from .evaluation import evaluate, save_eval_grid
 from .export import add_lora, make_reference, prepare_full_finetune
 from .loss import grpo_step_loss
 from .methods import Credit, ScoredRollout, build_method
-from .models import load_model
-from .models.base import PromptEmbeds
+from .models import load_model, model_sigmas
+from .models.base import PromptEmbeds, encode_each
 from .plots import plot_reward_curve, plot_turning_points
 from .prompts import PromptSource, load_prompt_source
 from .rewards import build_reward
 from .rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
-from .sampling import kl_to_reference, log_prob, sigma_schedule, transition, transition_std
+from .sampling import kl_to_reference, log_prob, noise_scale, transition, transition_std
 
 
 class TrainingAborted(RuntimeError):
@@ -115,9 +115,8 @@ class Trainer:
         for field, src in (("data.train_prompts", self.train_source), ("data.eval_prompts", self.eval_source)):
             self._validate_prompts(field, src)
         s = cfg.sampling
-        mu = self.model.schedule_mu() if hasattr(self.model, "schedule_mu") else None  # FLUX: resolution shift
-        self.sigmas = sigma_schedule(s.num_steps, s.shift, mu=mu)
-        self.eval_sigmas = sigma_schedule(s.eval_num_steps, s.shift, mu=mu)
+        self.sigmas = model_sigmas(self.model, s, s.num_steps)
+        self.eval_sigmas = model_sigmas(self.model, s, s.eval_num_steps)
         self.method = build_method(cfg.algorithm, cfg)
         self.method.schedule = self.sigmas  # methods that need σ (TempFlow's noise-aware weights) use this one
         self._warn_near_deterministic_steps()
@@ -194,12 +193,14 @@ class Trainer:
         return None if self.uncond is None else self.uncond.expand(n)
 
     def embed(self, prompts: list[str]) -> PromptEmbeds:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
-        if missing:
-            with torch.no_grad():
-                e = self.model.encode_prompts(missing)
-            for i, p in enumerate(missing):
-                self._embed_cache[p] = e.index(slice(i, i + 1))
+        """Cached prompt embeddings. Each prompt is encoded alone (a batch of one), so its embedding is the same bits
+        whichever batch first asked for it: a resumed run, another number of processes and the evaluation all see
+        the embeddings an uninterrupted single-process run sees (a batched encoder's result depends, in the last
+        bits, on the batch it ran in)."""
+        with torch.no_grad():
+            for p in dict.fromkeys(prompts):
+                if p not in self._embed_cache:
+                    self._embed_cache[p] = encode_each(self.model, [p])
         return PromptEmbeds.cat([self._embed_cache[p] for p in prompts])
 
     # --- one epoch --------------------------------------------------------------------------------------------
@@ -287,24 +288,35 @@ class Trainer:
 
     def score(self, latents: torch.Tensor, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         """Score latents [N, ...extra dims..., *latent] (one prompt per N): the primary score of every configured
-        reward shaped [N, ...extra dims...], and every score any reward returned (flat, for logging)."""
+        reward shaped [N, ...extra dims...], and every score any reward returned (flat, for logging).
+
+        Decoding and scoring run one sampling micro-batch (``sample_batch_size`` samples) at a time, the unit of
+        work of every process, so the scores do not depend on the number of processes by construction."""
         extra = latents.shape[1:latents.ndim - len(self.model.latent_shape())]
         reps = int(np.prod(extra)) if extra else 1
-        images = self.model.decode(latents.flatten(0, len(extra)))
-        flat_prompts = [p for p in prompts for _ in range(reps)]
+        mb = self.cfg.training.sample_batch_size
+        chunks: dict[str, list[np.ndarray]] = {}
+        for lo in range(0, len(prompts), mb):
+            images = self.model.decode(latents[lo:lo + mb].flatten(0, len(extra)))
+            flat_prompts = [p for p in prompts[lo:lo + mb] for _ in range(reps)]
+            for name, fn in self.reward_fns.items():
+                for k, v in fn(images, flat_prompts).items():
+                    chunks.setdefault(f"{name}\0{k}", []).append(np.asarray(v))
         out, every = {}, {}
-        for name, fn in self.reward_fns.items():
-            scores = fn(images, flat_prompts)
-            for k, v in scores.items():
-                if not np.all(np.isfinite(v)):
-                    raise TrainingAborted(f"reward {k!r} returned non-finite scores")
-                every[k] = v
-            out[name] = torch.as_tensor(scores[fn.primary], dtype=torch.float64).view(len(prompts), *extra)
+        for key, parts in chunks.items():
+            name, k = key.split("\0")
+            v = np.concatenate(parts)
+            if not np.all(np.isfinite(v)):
+                raise TrainingAborted(f"reward {k!r} returned non-finite scores")
+            every[k] = v
+            if k == self.reward_fns[name].primary:
+                out[name] = torch.as_tensor(v, dtype=torch.float64).view(len(prompts), *extra)
         return out, every
 
     def credit(self, scored: dict[str, ScoredRollout], group_ids, microbatch_ids, window, rng) -> Credit:
-        """Reward-level aggregation (weighted sum of rewards, then one credit) or advantage-level aggregation
-        (credit per reward, weighted sum of advantages — DanceGRPO's rule)."""
+        """Several rewards (``reward.aggregate``): ``reward`` — weighted sum of the rewards, then one credit;
+        ``advantage`` — credit per reward, weighted sum of the advantages; ``loss`` — credit per reward, advantages
+        stacked ``[M, W, K]`` so that each reward gets its own clipped policy term (DanceGRPO's rule, DESIGN §3.2)."""
         w = self.reward_weights
         if self.cfg.reward.aggregate == "reward" or len(w) == 1:
             def mix(field):
@@ -318,8 +330,18 @@ class Trainer:
             rng.set_state(state)  # every reward sees the same random choices (e.g. DanceGRPO's trained steps)
             credits.append(self.method.credit(scored[k], group_ids, microbatch_ids, window, rng))
         first = credits[0]
-        adv = sum(wk * c.advantages for wk, c in zip(w.values(), credits))
+        if self.cfg.reward.aggregate == "loss":
+            adv = torch.stack([c.advantages for c in credits], dim=-1)
+        else:
+            adv = sum(wk * c.advantages for wk, c in zip(w.values(), credits))
         return Credit(adv, first.step_weights, first.train_mask, first.stats)
+
+    @property
+    def loss_term_weights(self) -> torch.Tensor | None:
+        """[K] reward weights when each reward has its own clipped term (``reward.aggregate: loss``), else None."""
+        if self.cfg.reward.aggregate != "loss" or len(self.reward_weights) == 1:
+            return None
+        return torch.tensor(list(self.reward_weights.values()), dtype=torch.float32)
 
     def rollout_plan(self, window: list[int], completion: str | None = None) -> RolloutPlan:
         cfg, s = self.cfg, self.cfg.sampling
@@ -335,9 +357,10 @@ class Trainer:
         return [sample_rollout(self.model, plan, self.embed(prompts[lo:lo + mb]), self.uncond_for(len(prompts[lo:lo + mb])),
                                noise[lo:lo + mb], gens[lo:lo + mb]) for lo in range(0, len(prompts), mb)]
 
-    def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds):
+    def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds,
+                    *, with_kl: bool = True):
         """log-prob under the current policy (with grad) and the KL to the reference for window step w."""
-        s = self.cfg.sampling
+        s, t = self.cfg.sampling, self.cfg.training
         i = batch.window[w]
         x = batch.states[idx, w]
         x_next = batch.next_states[idx, w]
@@ -346,12 +369,72 @@ class Trainer:
         mean, std = transition(s.kernel, x, v, sig, sig_next, s.noise_level)
         logp = log_prob(x_next, mean, std, s.logprob)
         kl = None
-        if self.cfg.training.beta > 0:
+        if with_kl and t.beta > 0:
             with torch.no_grad():
                 v_ref = self.velocity_ref(x, sig, cond, uncond, s.guidance_scale)
                 mean_ref, _ = transition(s.kernel, x, v_ref, sig, sig_next, s.noise_level)
-            kl = kl_to_reference(mean, mean_ref, std)
+            kl_std = std if t.kl_variance == "transition" else noise_scale(s.kernel, sig, sig_next, s.noise_level)
+            kl = kl_to_reference(mean, mean_ref, kl_std)
         return logp, kl
+
+    def _micro_batches(self, batch: EpochBatch, kept: torch.Tensor, epoch: int, inner: int):
+        """The global train micro-batches of one inner epoch (the same on every process): ``(start, idx, pos, mine)``
+        with ``idx`` the micro-batch's rows and ``mine = idx[pos]`` the rows this process owns (all with one process)."""
+        rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, inner))
+        order = kept[torch.randperm(len(kept), generator=rng)]
+        own_lo, own_hi = batch.row_offset, batch.row_offset + len(batch.prompts)
+        for lo in range(0, len(order), self.cfg.training.train_batch_size):
+            idx = order[lo:lo + self.cfg.training.train_batch_size]
+            pos = torch.nonzero((idx >= own_lo) & (idx < own_hi)).flatten()
+            yield lo, idx, pos, idx[pos]
+
+    def _active_steps(self, batch: EpochBatch, mine: torch.Tensor):
+        """``(w, rows)`` for each window step w of a micro-batch with trained rows (``rows`` index ``mine``). With β = 0
+        a (row, step) whose advantages are all zero is skipped: exact, it has zero loss and zero gradient."""
+        for w in range(len(batch.window)):
+            active = torch.ones(len(mine), dtype=torch.bool)
+            if batch.train_mask is not None:
+                active &= batch.train_mask[mine, w]
+            if self.cfg.training.beta == 0 and self.skip_zero_advantages:
+                nonzero = batch.advantages[mine, w] != 0
+                active &= nonzero if nonzero.ndim == 1 else nonzero.any(-1)
+            rows = torch.nonzero(active).flatten()
+            if len(rows):
+                yield w, rows
+
+    def _kept_rows(self, batch: EpochBatch) -> torch.Tensor:
+        """Rows with any nonzero (masked) advantage; with β > 0 every row (its KL term still trains)."""
+        if self.cfg.training.beta > 0:
+            return torch.arange(len(batch.advantages))
+        adv = batch.advantages
+        if batch.train_mask is not None:
+            adv = adv * (batch.train_mask if adv.ndim == 2 else batch.train_mask[..., None])
+        return torch.nonzero(nonzero_advantage_mask(adv.flatten(1))).flatten()
+
+    def recompute_old_log_probs(self, batch: EpochBatch, kept: torch.Tensor, epoch: int) -> dict:
+        """``training.recompute_old_logprobs``: replace the rollout's log-probs of the trained transitions by those of
+        the training forward pass under the not-yet-updated policy, computed in exactly the composition the first
+        inner epoch's training pass uses (same micro-batches, same rows per step, train mode, grad enabled). The
+        first update's ratio is then exactly 1 by construction, whatever kernels the hardware picks.
+
+        Returns the rollout/training mismatch it measured: the count of transitions, ``max |ρ − 1|`` with
+        ``ρ = exp(logp_train − logp_rollout)``, and how many have ``|ρ − 1|`` beyond the clip range."""
+        rollout = batch.log_probs.clone()
+        seen = torch.zeros(batch.log_probs.shape, dtype=torch.bool)
+        self.model.transformer.train()
+        for _, _, _, mine in self._micro_batches(batch, kept, epoch, 0):
+            cond = self.embed([batch.prompts[j - batch.row_offset] for j in mine]) if len(mine) else None
+            uncond = self.uncond_for(len(mine))
+            for w, rows in self._active_steps(batch, mine):
+                local = mine[rows] - batch.row_offset
+                logp, _ = self._step_terms(batch, local, w, cond.index(rows),
+                                           None if uncond is None else uncond.index(rows), with_kl=False)
+                batch.log_probs[local, w] = logp.detach().to(batch.log_probs.dtype)
+                seen[local, w] = True
+        self.model.transformer.eval()
+        dev = (torch.exp(batch.log_probs[seen] - rollout[seen]) - 1).abs()
+        return {"n": int(seen.sum()), "max_dev": float(dev.max()) if len(dev) else 0.0,
+                "clipped": int((dev > self.cfg.training.clip_range).sum())}
 
     def optimise(self, batch: EpochBatch, epoch: int) -> dict:
         """Inner epochs of clipped-policy-gradient updates; one optimizer step per train micro-batch, gradients
@@ -359,59 +442,58 @@ class Trainer:
 
         The kept rows, their shuffled order and the train micro-batches are global (the same on every process); each
         process computes the loss of the rows it owns, normalised by the global micro-batch size, and the gradients
-        are summed over processes before clipping and the step."""
+        are summed over processes before clipping and the step.
+
+        Logged besides the loss: the first update's ``max |ρ − 1|`` and clip fraction (``first_update_ratio_max_dev``,
+        ``first_update_clipfrac``; on-policy, so any deviation is a rollout/training mismatch, which with clip ranges
+        of 1e-4–1e-5 can zero the gradients of clipped samples), and with ``training.recompute_old_logprobs`` the
+        mismatch over every trained transition (``old_logprob_max_dev``, ``old_logprob_clipfrac``)."""
         t = self.cfg.training
-        adv = batch.advantages if batch.train_mask is None else batch.advantages * batch.train_mask
-        keep = nonzero_advantage_mask(adv) if t.beta == 0 else torch.ones(len(adv), dtype=torch.bool)
-        kept = torch.nonzero(keep).flatten()
+        kept = self._kept_rows(batch)
         lr = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        info = {"lr": lr, "dropped_samples": int((~keep).sum()), "loss": 0.0, "kl": 0.0, "clipfrac": 0.0,
-                "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0, "skipped_updates": 0,
-                "grad_norm": 0.0}
+        info = {"lr": lr, "dropped_samples": len(batch.advantages) - len(kept), "loss": 0.0, "kl": 0.0,
+                "clipfrac": 0.0, "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0,
+                "skipped_updates": 0, "grad_norm": 0.0}
+        mismatch = self.recompute_old_log_probs(batch, kept, epoch) if t.recompute_old_logprobs else None
+        first_update = [0, 0, 0.0]  # this process's rows of the first update: count, beyond the clip range, max |ρ − 1|
+        term_weights = self.loss_term_weights
         W = len(batch.window)
         n_terms = 0
         first_key = None  # (inner epoch, micro-batch, window step, position) of the term that set ratio_first
         shards = []  # several processes: this process's share of each (inner, micro-batch, step) term
-        own_lo, own_hi = batch.row_offset, batch.row_offset + len(batch.prompts)
         self.model.transformer.train()
         for inner in range(t.inner_epochs):
-            rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, inner))
-            order = kept[torch.randperm(len(kept), generator=rng)]
-            for lo in range(0, len(order), t.train_batch_size):
-                idx = order[lo:lo + t.train_batch_size]  # a global micro-batch
-                pos = torch.nonzero((idx >= own_lo) & (idx < own_hi)).flatten()
-                mine = idx[pos]  # the rows of it this process owns (all of them with one process; maybe none)
-                cond = self.embed([batch.prompts[j - own_lo] for j in mine]) if len(mine) else None
+            for lo, idx, pos, mine in self._micro_batches(batch, kept, epoch, inner):
+                cond = self.embed([batch.prompts[j - batch.row_offset] for j in mine]) if len(mine) else None
                 uncond = self.uncond_for(len(mine))
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 mb_terms = 0
-                for w in range(W):
-                    active = torch.ones(len(mine), dtype=torch.bool)
-                    if batch.train_mask is not None:
-                        active &= batch.train_mask[mine, w]
-                    if t.beta == 0 and self.skip_zero_advantages:  # exact: zero advantage → zero loss and gradient
-                        active &= batch.advantages[mine, w] != 0
-                    rows = torch.nonzero(active).flatten()
-                    if len(rows) == 0:
-                        continue
+                for w, rows in self._active_steps(batch, mine):
                     sub = mine[rows]
-                    local = sub - own_lo
-                    logp, kl = self._step_terms(batch, local, w, cond.index(rows), None if uncond is None else uncond.index(rows))
+                    local = sub - batch.row_offset
+                    logp, kl = self._step_terms(batch, local, w, cond.index(rows),
+                                                None if uncond is None else uncond.index(rows))
                     weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
                     loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w], t.clip_range,
-                                              kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights)
+                                              kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights,
+                                              term_weights=term_weights)
                     loss = loss * (len(sub) / len(idx))  # the mean over the whole (global) micro-batch
                     (loss / W).backward()
                     total += float(loss.detach()) / W
                     ratio = li["ratio"]
+                    dev = (ratio - 1).abs()
                     if math.isnan(info["ratio_first"]):
                         first_key = (inner, lo, w, int(pos[rows[0]]))
                         info["ratio_first"] = float(ratio[0])
+                    if inner == 0 and lo == 0:
+                        first_update[0] += len(sub)
+                        first_update[1] += int((dev > t.clip_range).sum())
+                        first_update[2] = max(first_update[2], float(dev.max()))
                     info["ratio_mean"] += float(ratio.mean())
-                    info["ratio_max_dev"] = max(info["ratio_max_dev"], float((ratio - 1).abs().max()))
+                    info["ratio_max_dev"] = max(info["ratio_max_dev"], float(dev.max()))
                     info["clipfrac"] += float(li["clipfrac"])
                     info["kl"] += float(li["kl_loss"])
                     n_terms += 1
@@ -444,6 +526,15 @@ class Trainer:
         self.model.transformer.eval()
         if dist.world_size() > 1:
             n_terms = self._reduce_term_metrics(info, shards, first_key)
+            first_update = _reduce_counts(first_update)
+            if mismatch is not None:
+                mismatch = dict(zip(("n", "clipped", "max_dev"),
+                                    _reduce_counts([mismatch["n"], mismatch["clipped"], mismatch["max_dev"]])))
+        info["first_update_ratio_max_dev"] = first_update[2]
+        info["first_update_clipfrac"] = first_update[1] / max(1, first_update[0])
+        if mismatch is not None:
+            info["old_logprob_max_dev"] = mismatch["max_dev"]
+            info["old_logprob_clipfrac"] = mismatch["clipped"] / max(1, mismatch["n"])
         n_updates = max(1, math.ceil(len(kept) / t.train_batch_size) * t.inner_epochs)
         for k in ("loss", "grad_norm"):
             info[k] /= n_updates
@@ -489,7 +580,8 @@ class Trainer:
         with self.ema.swapped(self.trainable):
             res = evaluate(self.model, self.eval_source, self.reward_fn, self.eval_sigmas,
                            guidance_scale=cfg.sampling.guidance_scale, per_tag=cfg.data.eval_per_tag,
-                           seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed, uncond=self.uncond)
+                           seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed,
+                           uncond=self.uncond, chunk=cfg.data.eval_batch_size)
         if grid and self.is_main:
             save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
         return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores", "strict_scores")}
@@ -599,6 +691,12 @@ class Trainer:
         summary["epoch"] = self.epoch
         summary["interrupted"] = self._stopping()
         return summary
+
+
+def _reduce_counts(values: list) -> list:
+    """[count, count, maximum] of every process → [sum, sum, max]."""
+    parts = dist.all_gather_object(values)
+    return [sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

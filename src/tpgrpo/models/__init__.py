@@ -33,4 +33,19 @@ def load_model(model_cfg) -> FlowModel:
     return model
 
 
-__all__ = ["FlowModel", "PromptEmbeds", "load_model"]
+def model_sigmas(model: FlowModel, sampling_cfg, num_steps: int):
+    """The σ schedule of ``num_steps`` steps for ``model`` under ``sampling.spacing`` / ``sampling.shift``
+    (DESIGN.md §2). ``auto`` takes the spacing of the model's own diffusers pipeline (``model.pipeline_spacing``,
+    FLUX: ``flux_pipeline``; otherwise the scheduler's default); a model with a resolution-dependent shift
+    (``model.schedule_mu()``, FLUX) uses it, except under DanceGRPO's ``linspace``, which applies the static
+    ``sampling.shift``."""
+    from ..sampling import sigma_schedule
+
+    spacing = sampling_cfg.spacing
+    if spacing == "auto":
+        spacing = getattr(model, "pipeline_spacing", "scheduler")
+    mu = model.schedule_mu() if hasattr(model, "schedule_mu") and spacing != "linspace" else None
+    return sigma_schedule(num_steps, sampling_cfg.shift, mu=mu, spacing=spacing)
+
+
+__all__ = ["FlowModel", "PromptEmbeds", "load_model", "model_sigmas"]

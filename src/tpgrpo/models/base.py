@@ -36,6 +36,13 @@ class PromptEmbeds:
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
+def encode_each(model, prompts: Sequence[str]) -> PromptEmbeds:
+    """Embed each prompt alone (a batch of one): a prompt's embedding is then the same bits whatever batch it came
+    in, which exact resume and process-count independence rely on (a batched encoder's last bits depend on the
+    batch composition)."""
+    return PromptEmbeds.cat([model.encode_prompts([p]) for p in prompts])
+
+
 @runtime_checkable
 class FlowModel(Protocol):
     """What the rollout engine and trainer need from a text-to-image flow model."""

@@ -55,6 +55,9 @@ class FluxModel(DiffusersFlowModel):
         s = self.resolution // self.vae_scale_factor
         return (s // 2) * (s // 2)
 
+    #: ``FluxPipeline`` passes ``sigmas = linspace(1, 1/T, T)`` to the scheduler (see ``sampling.sigma_schedule``).
+    pipeline_spacing = "flux_pipeline"
+
     def schedule_mu(self) -> float:
         """The resolution-dependent shift ``mu`` the FLUX pipeline uses (for ``sampling.sigma_schedule(T, mu=…)``)."""
         c = self.pipe.scheduler.config
