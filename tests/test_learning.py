@@ -21,6 +21,7 @@ def test_each_method_raises_a_smooth_reward_on_the_base_model(tmp_path, algorith
         "training.epochs": 5, "training.lr": 3e-3, "training.prompts_per_epoch": 2, "training.group_size": 8,
         "training.sample_batch_size": 16, "training.train_batch_size": 16, "training.eval_every": 100,
         "training.checkpoint_every": 100, "tempflow.children": 2, "data.eval_per_tag": 2,
+        "dance.timestep_fraction": 0.67,  # int(0.67 · 3) = 2 of the 3 window steps per trajectory
     }
     cfg = load_config("configs/default.yaml", [f"{k}={v}" for k, v in overrides.items()])
     summary = Trainer(cfg, log_trackers=False).train()

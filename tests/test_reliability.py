@@ -20,7 +20,8 @@ SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 def _payload(v: float):
     return {"lora": {"w": torch.full((4,), v)}, "ema": {"shadow.0": torch.full((4,), v)},
-            "optimizer": {"state": {}, "param_groups": []}, "state": {"epoch": int(v)}}
+            "optimizer": {"state": {}, "param_groups": []},
+            "state": {"epoch": int(v), "optimizer_steps": 0, "nonfinite_in_row": 0}}
 
 
 def test_kill_9_while_writing_keeps_the_previous_checkpoint(tmp_path):
@@ -52,6 +53,7 @@ def test_kill_9_while_writing_keeps_the_previous_checkpoint(tmp_path):
     assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
     save_checkpoint(tmp_path, 3, _payload(3.0))
     assert find_latest_checkpoint(tmp_path).name == "epoch_000003"
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())  # the dead writer's
 
 
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):

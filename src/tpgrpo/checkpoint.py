@@ -1,18 +1,67 @@
-"""Atomic checkpoints (DESIGN §10): written into a temporary directory, fsynced, then renamed into place, so a
-crash mid-write never damages the last good checkpoint. Weights are safetensors; the optimizer state is loaded
-with ``torch.load(weights_only=True)``; nothing is unpickled."""
+"""Atomic, checksummed checkpoints (DESIGN §10): written into a temporary directory with a SHA-256 of every file,
+fsynced, then renamed into place, so a crash mid-write never damages the last good checkpoint and a file damaged
+later is caught on load. Weights are safetensors; the optimizer state is loaded with ``torch.load(weights_only=True)``;
+nothing is unpickled."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+CHECKSUMS = "checksums.json"
+FILES = ("lora.safetensors", "ema.safetensors", "optimizer.pt", "state.json")
+STATE_KEYS = ("epoch", "optimizer_steps", "nonfinite_in_row")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, incomplete or inconsistent. The message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(root: Path) -> list[str]:
+    """Remove the temporary files and directories (``.tmp-*``, ``.old-*``, ``.latest-*``) that a writer killed
+    mid-save left behind; those of a live process are kept. Returns the names removed."""
+    removed = []
+    if not Path(root).is_dir():
+        return removed
+    for p in Path(root).iterdir():
+        if not p.name.startswith((".tmp-", ".old-", ".latest-")):
+            continue
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -31,12 +80,14 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict) -> Path:
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    clean_stale_temporaries(root)
     tmp.mkdir()
     try:
         save_file({k: v.contiguous() for k, v in payload["lora"].items()}, str(tmp / "lora.safetensors"))
         save_file({k: v.contiguous() for k, v in payload["ema"].items()}, str(tmp / "ema.safetensors"))
         torch.save(payload["optimizer"], tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(payload["state"]))
+        (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in FILES}, indent=1))
         (tmp / COMPLETE).write_text("ok\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -63,20 +114,42 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).is_file()
 
 
-def find_latest_checkpoint(run_dir: Path) -> Path | None:
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint directories, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("epoch_*") if p.is_dir() and is_complete(p))
+        return []
+    return sorted(p for p in root.glob("epoch_*") if p.is_dir() and is_complete(p))
+
+
+def find_latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (by directory scan: ``latest`` may lag after a crash between the rename and
+    its update)."""
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def sync_latest(run_dir: Path) -> None:
+    """Make ``checkpoints/latest`` name the newest complete checkpoint (or remove it when there is none)."""
+    root = Path(run_dir) / "checkpoints"
+    newest = find_latest_checkpoint(run_dir)
+    pointer = root / "latest"
+    if newest is None:
+        pointer.unlink(missing_ok=True) if root.is_dir() else None
+        return
+    if not pointer.is_file() or pointer.read_text().strip() != newest.name:
+        tmp = root / f".latest-{os.getpid()}"
+        tmp.write_text(newest.name + "\n")
+        os.replace(tmp, pointer)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint a user means by ``path``: a checkpoint directory, the ``latest`` pointer file, a run's
-    ``checkpoints/`` directory or the run directory itself (the last two give the newest complete checkpoint)."""
+    ``checkpoints/`` directory or the run directory itself (the last three give the newest complete checkpoint)."""
     path = Path(path)
     if path.is_file() and path.name == "latest":
-        path = path.parent / path.read_text().strip()
+        found = find_latest_checkpoint(path.parent.parent)
+        path = found if found is not None else path.parent / path.read_text().strip()
     elif path.is_dir() and not is_complete(path):
         run_dir = path.parent if path.name == "checkpoints" else path
         found = find_latest_checkpoint(run_dir)
@@ -88,11 +161,56 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the file when a file is missing or its SHA-256 differs from the one
+    recorded at save time."""
+    path = Path(path)
+    for name in FILES + (CHECKSUMS,):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing from the checkpoint")
+    sums_file = path / CHECKSUMS
+    try:
+        sums = json.loads(sums_file.read_text())
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(n), str) for n in FILES):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{sums_file}: not a valid checksum list") from None
+    for name in FILES:
+        if _sha256(path / name) != sums[name]:
+            raise CheckpointError(f"{path / name}: checksum mismatch (the file is corrupt)")
+
+
+def _check_state(state, file: Path) -> dict:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object with {', '.join(STATE_KEYS)}")
+    for key in STATE_KEYS:
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{file}: {key} must be an integer >= 0, got {value!r}")
+    return state
+
+
 def load_checkpoint(path: Path) -> dict:
+    """Verify and load a checkpoint; any problem is a :class:`CheckpointError` naming the file."""
     path = resolve_checkpoint(path)
-    return {
-        "lora": load_file(str(path / "lora.safetensors")),
-        "ema": load_file(str(path / "ema.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "state": json.loads((path / "state.json").read_text()),
-    }
+    verify_checkpoint(path)
+    out = {}
+    for key, name in (("lora", "lora.safetensors"), ("ema", "ema.safetensors")):
+        try:
+            out[key] = load_file(str(path / name))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / name}: not a readable safetensors file ({e})") from None
+    try:
+        out["optimizer"] = torch.load(path / "optimizer.pt", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, IndexError, KeyError,
+            AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path / 'optimizer.pt'}: not a readable optimizer state "
+                              f"({type(e).__name__})") from None
+    if not isinstance(out["optimizer"], dict):
+        raise CheckpointError(f"{path / 'optimizer.pt'}: not an optimizer state dict")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path / 'state.json'}: not valid JSON") from None
+    out["state"] = _check_state(state, path / "state.json")
+    return out

@@ -33,14 +33,29 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 1000000], got {value}")
+    return value
+
+
 def cmd_train(args) -> int:
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume section.field=value`: an override, not a checkpoint
+        args.resume = True
     cfg = load_config(args.config, args.overrides)
+    if args.resume and args.overwrite:
+        _fail("--resume and --overwrite exclude each other")
     from .trainer import Trainer, TrainingAborted
 
     try:
-        trainer = Trainer(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(str(e))
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     try:
         summary = trainer.train()
     except (TrainingAborted, RuntimeError) as e:  # e.g. a reward server that went down mid-run
@@ -60,17 +75,22 @@ def cmd_eval(args) -> int:
     import torch
 
     from .evaluation import evaluate, save_eval_grid
+    from .io_checks import output_file
     from .models import load_model, model_sigmas
     from .prompts import load_prompt_source
     from .rewards import build_reward
 
     try:
+        if args.grid:
+            output_file("--grid", args.grid, (".png", ".jpg", ".jpeg"))
+        if args.json:
+            output_file("--json", args.json)
         model = load_model(cfg.model)
         source = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
         name = next(iter(cfg.reward.components()))
         reward = build_reward(name, **cfg.reward.options.get(name, {}))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(str(e))
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if args.paired and not args.lora:
         _fail("--paired needs --lora (the checkpoint to compare with the base model)")
     if args.lora:
@@ -108,6 +128,7 @@ def cmd_eval(args) -> int:
     if args.grid:
         save_eval_grid(res, Path(args.grid))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
@@ -140,6 +161,12 @@ def cmd_bench(args) -> int:
             if not Path(path).is_file():
                 return _fail(f"bench: --preset {item!r}: config file not found: {path}")
             presets[name] = path
+    from .io_checks import output_file
+
+    try:
+        output_file("--out", args.out, (".json",))
+    except ValueError as e:
+        return _fail(f"bench: {e}")
     run_bench(cfg, out_json=Path(args.out), repeats=args.repeats, presets=presets, overrides=args.overrides)
     return 0
 
@@ -178,13 +205,15 @@ def cmd_report(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tpgrpo", description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", help="train with the configured method (default: TP-GRPO on the shapes world)")
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the latest checkpoint of run_dir, or from the given checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run_dir that holds another run, removing that run's files")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model (optionally with a trained checkpoint's LoRA)")
@@ -205,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare/report", help="where summary.json, compare.md and plots go")
     p.add_argument("--arms", nargs="+", help="only these arms")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads-per-run", type=int, default=1, help="torch/OpenMP threads of each run")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time")
+    p.add_argument("--threads-per-run", type=_positive_int, default=1, help="torch/OpenMP threads of each run")
     p.add_argument("--report-only", action="store_true", help="do not train; summarise the finished runs")
     p.set_defaults(fn=cmd_compare)
 
@@ -218,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure model calls, overheads and epoch costs (writes JSON + markdown)")
     _add_config_args(p)
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--preset", action="append", metavar="METHOD=CONFIG",
                    help="benchmark METHOD (flow_grpo, dance_grpo, tempflow_grpo) on this preset, with --config's "
                         "model and the same overrides; repeatable; when given, only the named methods run beside "

@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from .checkpoint import find_latest_checkpoint
+from .config import load_yaml
 from .plots import read_metrics
 
 
@@ -56,7 +57,12 @@ class CompareSpec:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: comparison spec not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = load_yaml(path.read_text(encoding="utf-8-sig")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid YAML comparison spec ({type(e).__name__})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
         unknown = set(raw) - {"arms", "seeds", "common", "reference"}
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
@@ -96,7 +102,7 @@ def run_metrics(run_dir: Path) -> list[dict]:
 
 def _epochs_of(run_dir: Path) -> int | None:
     cfg = Path(run_dir) / "config.yaml"
-    return (yaml.safe_load(cfg.read_text()) or {}).get("training", {}).get("epochs") if cfg.is_file() else None
+    return (load_yaml(cfg.read_text()) or {}).get("training", {}).get("epochs") if cfg.is_file() else None
 
 
 def is_finished(run_dir: Path, recs: list[dict] | None = None) -> bool:

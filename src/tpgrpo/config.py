@@ -4,6 +4,7 @@ command line as ``section.field=value`` (the value is parsed as YAML). Unknown k
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +17,15 @@ class ConfigError(ValueError):
     """A one-line, user-facing configuration error."""
 
 
+#: Upper bounds of sizes (far above any sensible run; they keep a typo from exhausting the machine).
+MAX_STEPS = 1000          # σ·1000 is the timestep: more steps than training timesteps mean nothing
+MAX_SAMPLES = 1 << 20     # samples per epoch
+MAX_SEED = (1 << 63) - 1
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN/inf are rejected in every float field (an infinite lr silently NaNs the weights)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -43,35 +51,36 @@ class ModelConfig(_Section):
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="sd3/flux: weight dtype of the frozen components and autocast dtype; latents and step "
                             "math stay fp32")
-    resolution: int | None = Field(None, ge=16, description="sd3/flux image size in pixels (None: the pipeline's "
-                                                            "default)")
+    resolution: int | None = Field(None, ge=16, le=8192, description="sd3/flux image size in pixels (None: the "
+                                                                      "pipeline's default)")
     device: str | None = Field(None, description="sd3/flux: torch device (None: cuda:LOCAL_RANK if available, "
                                                  "else cpu)")
-    max_sequence_length: int | None = Field(None, ge=1, description="sd3/flux T5 tokens (None: pipeline default, "
+    max_sequence_length: int | None = Field(None, ge=1, le=4096, description="sd3/flux T5 tokens (None: pipeline default, "
                                                                     "256 SD3 / 512 FLUX)")
     gradient_checkpointing: bool = False
     full_finetune: bool = Field(False, description="train every transformer weight (no LoRA); the KL reference is "
                                                    "a frozen copy")
-    lora_target_modules: list[str] | None = Field(None, description="override the model's LoRA target modules")
+    lora_target_modules: list[str] | None = Field(None, min_length=1, description="override the model's LoRA target "
+                                                                                 "modules (None: the model's own)")
 
 
 class SamplingConfig(_Section):
-    num_steps: int = Field(10, ge=2, description="denoising steps of a training rollout (T)")
-    eval_num_steps: int = Field(20, ge=1)
-    shift: float = Field(1.0, gt=0, description="static σ shift (ignored where the model sets a dynamic one, FLUX, "
+    num_steps: int = Field(10, ge=2, le=MAX_STEPS, description="denoising steps of a training rollout (T)")
+    eval_num_steps: int = Field(20, ge=1, le=MAX_STEPS)
+    shift: float = Field(1.0, gt=0, le=1e3, description="static σ shift (ignored where the model sets a dynamic one, FLUX, "
                                                 "except with spacing linspace)")
     spacing: Literal["auto", "scheduler", "flux_pipeline", "linspace"] = Field(
         "auto", description="σ grid before the shift: auto = the model's own pipeline (FLUX: flux_pipeline, others: "
                             "scheduler); scheduler = the diffusers scheduler's default timesteps; flux_pipeline = "
                             "FluxPipeline's linspace(1, 1/T, T); linspace = DanceGRPO's linspace(1, 0, T+1) with "
                             "the static shift")
-    guidance_scale: float = Field(3.0, ge=1.0)
+    guidance_scale: float = Field(3.0, ge=1.0, le=100.0)
     kernel: Literal["sde", "cps", "dance"] = "cps"
-    noise_level: float = Field(0.7, gt=0, description="a (sde), η (cps, dance)")
+    noise_level: float = Field(0.7, gt=0, le=10.0, description="a (sde), η (cps, dance)")
     logprob: Literal["gaussian", "mse"] = "gaussian"
-    window_size: int = Field(9, ge=1, description="W: consecutive stochastic (trained) steps")
-    window_start_min: int = Field(0, ge=0)
-    window_start_max: int = Field(0, ge=0)
+    window_size: int = Field(9, ge=1, le=MAX_STEPS, description="W: consecutive stochastic (trained) steps")
+    window_start_min: int = Field(0, ge=0, le=MAX_STEPS)
+    window_start_max: int = Field(0, ge=0, le=MAX_STEPS)
     same_noise: bool = False  # every member of a prompt group starts from the same initial noise
 
     @model_validator(mode="after")
@@ -88,9 +97,10 @@ class SamplingConfig(_Section):
 class DataConfig(_Section):
     train_prompts: str = "shapes:train"  # "shapes:train" | "shapes:test" | path to a text file (one prompt a line)
     eval_prompts: str = "shapes:test"
-    eval_per_tag: int = Field(16, ge=1)
-    eval_seed: int = Field(0, description="fixes the evaluation set (prompts and noise), independent of the run seed")
-    eval_batch_size: int = Field(128, ge=1, description="evaluation items sampled, decoded and scored together; the "
+    eval_per_tag: int = Field(16, ge=1, le=10000)
+    eval_seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the evaluation set (prompts and noise), "
+                                                            "independent of the run seed")
+    eval_batch_size: int = Field(128, ge=1, le=65536, description="evaluation items sampled, decoded and scored together; the "
                                                         "unit of work split over processes")
 
 
@@ -105,24 +115,34 @@ class RewardConfig(_Section):
     options: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                description="constructor options per reward name, e.g. {ocr: {psm: 7}}")
 
+    @model_validator(mode="after")
+    def _weights_train(self):
+        for name, w in self.weights.items():
+            if not math.isfinite(w):
+                raise ValueError(f"weights.{name}: must be a finite number, got {w}")
+            if w == 0:
+                raise ValueError(f"weights.{name}: a weight of 0 trains nothing; remove the reward instead")
+        return self
+
     def components(self) -> dict[str, float]:
         return dict(self.weights) if self.weights else {self.name: 1.0}
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(20, ge=1)
-    prompts_per_epoch: int = Field(8, ge=1)
-    group_size: int = Field(8, ge=1)
-    sample_batch_size: int = Field(16, ge=1, description="samples per sampling micro-batch (balancing scope)")
-    train_batch_size: int = Field(16, ge=1)
-    max_batch: int = Field(256, ge=1, description="largest model-call batch (CFG doubles the states)")
-    inner_epochs: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    epochs: int = Field(20, ge=1, le=10_000_000)
+    prompts_per_epoch: int = Field(8, ge=1, le=MAX_SAMPLES)
+    group_size: int = Field(8, ge=1, le=65536)
+    sample_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES, description="samples per sampling micro-batch "
+                                                                         "(balancing scope)")
+    train_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES)
+    max_batch: int = Field(256, ge=1, le=65536, description="largest model-call batch (CFG doubles the states)")
+    inner_epochs: int = Field(1, ge=1, le=1000)
+    lr: float = Field(3e-4, gt=0, le=10.0)
     lr_schedule: Literal["constant", "linear"] = Field(
         "constant", description="linear: lr · (1 − (epoch − 1) / epochs) in epoch 1 … epochs (decays towards 0)")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, le=100.0)
     max_grad_norm: float = Field(1.0, gt=0)
-    clip_range: float = Field(1e-4, gt=0)
+    clip_range: float = Field(1e-4, gt=0, le=1e3)
     adv_clip_max: float = Field(5.0, gt=0)
     beta: float = Field(0.0, ge=0, description="KL weight")
     kl_variance: Literal["transition", "noise_scale"] = Field(
@@ -133,17 +153,20 @@ class TrainingConfig(_Section):
         False, description="old log-probs from the training forward pass (one extra forward per trained transition) "
                            "instead of the rollout's: the first update's ratio is then exactly 1 on any hardware")
     global_std: bool = False
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16, gt=0)
+    lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank (at most the smallest targeted layer width)")
+    lora_alpha: float = Field(16, gt=0, le=1e6)
     ema_decay: float = Field(0.9, ge=0, lt=1)
-    ema_every: int = Field(1, ge=1)
-    eval_every: int = Field(5, ge=1)
-    checkpoint_every: int = Field(5, ge=1)
-    max_nonfinite: int = Field(3, ge=1, description="abort after this many non-finite updates in a row")
+    ema_every: int = Field(1, ge=1, le=10_000_000)
+    eval_every: int = Field(5, ge=1, le=10_000_000)
+    checkpoint_every: int = Field(5, ge=1, le=10_000_000)
+    max_nonfinite: int = Field(3, ge=1, le=1_000_000, description="abort after this many non-finite updates in a row")
 
     @model_validator(mode="after")
     def _batch_arithmetic(self):
         n = self.prompts_per_epoch * self.group_size
+        if n > MAX_SAMPLES:
+            raise ValueError(f"prompts_per_epoch: {self.prompts_per_epoch} × group_size {self.group_size} = {n} "
+                             f"samples per epoch is more than the {MAX_SAMPLES} allowed")
         if self.group_size < 2:
             raise ValueError("group_size: GRPO needs at least 2 samples per prompt group")
         if n % self.sample_batch_size:
@@ -159,7 +182,7 @@ class TPGRPOConfig(_Section):
     balance_rank: Literal["trajectory", "aggregated"] = "trajectory"
     balance_scope: Literal["microbatch", "group", "batch"] = "microbatch"
     completion: Literal["lockstep", "sequential"] = "lockstep"
-    completion_steps: int | None = Field(None, ge=1, description="ODE steps for a fork's completion; None = all")
+    completion_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="ODE steps for a fork's completion; None = all")
 
 
 class DanceConfig(_Section):
@@ -170,14 +193,14 @@ class DanceConfig(_Section):
 
 
 class TempFlowConfig(_Section):
-    children: int = Field(6, ge=1, description="C: SDE children per branch point")
+    children: int = Field(6, ge=1, le=256, description="C: SDE children per branch point")
     branch_steps: list[int] | None = Field(None, description="branch points (step indices); None = the window")
 
 
 class Config(_Section):
     algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo"] = "tpgrpo"
-    seed: int = 0
-    run_dir: str = "runs/default"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    run_dir: str = Field("runs/default", min_length=1)
     model: ModelConfig = ModelConfig()
     sampling: SamplingConfig = SamplingConfig()
     data: DataConfig = DataConfig()
@@ -205,6 +228,39 @@ class Config(_Section):
     @property
     def samples_per_epoch(self) -> int:
         return self.training.prompts_per_epoch * self.training.group_size
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for configurations: no aliases (a 'billion laughs' file expands exponentially; configurations never need
+    them) and no duplicate keys (the second would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "YAML aliases (*name) are not supported in "
+                                                    "configurations", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` without aliases or duplicate keys (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"{problem}{where}" if problem else type(e).__name__
 
 
 def _format_error(err: ValidationError) -> str:
@@ -239,7 +295,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not eq or not key:
             raise ConfigError(f"config error: override {item!r} must look like section.field=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and raw.strip()[:1] not in ("'", "\""):  # YAML 1.1 reads "1e-3" as a string
@@ -259,9 +315,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config error: file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config error: {p}: not valid YAML ({type(e).__name__})") from None
+            tree = load_yaml(p.read_text(encoding="utf-8-sig")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {p}: not valid YAML ({_yaml_problem(e)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {p}: not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"config error: {p}: cannot be read ({e.strerror or e})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config error: {p}: the top level must be a mapping of sections")
     for key, value in parse_overrides(overrides or []):

@@ -21,8 +21,15 @@ def add_lora(model, rank: int, alpha: float) -> None:
     the base weights are fp16/bf16 (they are the trained master weights)."""
     from peft import LoraConfig
 
+    targets = list(model.lora_target_modules)
+    widths = [min(m.in_features, m.out_features) for name, m in model.transformer.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    if not widths:
+        raise ValueError(f"model.lora_target_modules: none of {targets} names a linear layer of the transformer")
+    if rank > min(widths):
+        raise ValueError(f"training.lora_rank: {rank} exceeds the width of the smallest targeted layer ({min(widths)})")
     model.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                             target_modules=list(model.lora_target_modules)))
+                                             target_modules=targets))
     for name, p in model.transformer.named_parameters():
         if "lora_" in name and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -111,7 +118,9 @@ def load_lora_into(model, cfg, checkpoint_dir: str | Path, *, use_ema: bool = Tr
     for i, (name, p) in enumerate(params):
         if name not in ck["lora"]:
             raise ValueError(f"{checkpoint_dir}: checkpoint has no tensor {name}")
-        src = ck["ema"][f"shadow.{i}"] if use_ema else ck["lora"][name]
+        src = ck["ema"].get(f"shadow.{i}") if use_ema else ck["lora"][name]
+        if src is None:
+            raise ValueError(f"{checkpoint_dir}: its EMA has no tensor shadow.{i}")
         if src.shape != p.shape:
             raise ValueError(f"{checkpoint_dir}: {name} has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
         with torch.no_grad():
@@ -157,8 +166,11 @@ def export_lora_cli(args) -> int:
     from .config import load_config
     from .models import load_model
 
+    from .io_checks import output_dir
+
     cfg = load_config(args.config, getattr(args, "overrides", None))
     try:
+        output_dir("--out", args.out)
         model = load_model(cfg.model)
         load_lora_into(model, cfg, args.checkpoint, use_ema=not getattr(args, "raw", False))
         out = Path(args.out)

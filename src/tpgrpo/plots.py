@@ -13,14 +13,21 @@ import numpy as np  # noqa: E402
 
 
 def read_metrics(metrics_path: Path) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` (one JSON object per line; a bad line is a one-line error)."""
+    """The records of a run's ``metrics.jsonl`` (one JSON object per line). A last line that a crash cut short is
+    dropped; any other bad line is a one-line error."""
+    lines = [(i, ln) for i, ln in enumerate(Path(metrics_path).read_text(errors="replace").splitlines(), 1)
+             if ln.strip()]
     recs = []
-    for i, ln in enumerate(Path(metrics_path).read_text().splitlines(), 1):
-        if ln.strip():
-            try:
-                recs.append(json.loads(ln))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{metrics_path}:{i}: not valid JSON ({e.msg})") from None
+    for k, (i, ln) in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if k + 1 == len(lines):
+                break
+            raise ValueError(f"{metrics_path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{metrics_path}:{i}: not a JSON object")
+        recs.append(rec)
     return recs
 
 

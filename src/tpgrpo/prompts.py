@@ -54,7 +54,7 @@ def load_prompt_source(spec: str, field: str) -> PromptSource:
     if not path.is_file():
         raise ValueError(f"{field}: prompt file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{field}: {path} is not valid UTF-8 (byte {e.start})") from None
     prompts = []

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,7 +30,8 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .advantages import nonzero_advantage_mask
-from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, clean_stale_temporaries, complete_checkpoints, find_latest_checkpoint,
+                         load_checkpoint, resolve_checkpoint, save_checkpoint, sync_latest)
 from .config import Config, dump_config
 from .ema import EMA
 from .evaluation import evaluate, save_eval_grid
@@ -37,7 +40,7 @@ from .loss import grpo_step_loss
 from .methods import Credit, ScoredRollout, build_method
 from .models import load_model, model_sigmas
 from .models.base import PromptEmbeds, encode_each
-from .plots import plot_reward_curve, plot_turning_points
+from .plots import plot_reward_curve, plot_turning_points, read_metrics
 from .prompts import PromptSource, load_prompt_source
 from .rewards import build_reward
 from .rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
@@ -85,13 +88,14 @@ class EpochBatch:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: str | bool | None = None, log_trackers: bool = True):
+    def __init__(self, cfg: Config, *, resume: str | bool | None = None, log_trackers: bool = True,
+                 overwrite: bool = False):
         self.cfg = cfg
         dist.init()
         self._check_world(cfg)
         self.is_main = dist.is_main()
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_run_dir(resume, overwrite)
         torch.manual_seed(cfg.seed)
         self.model = load_model(cfg.model)
         self.model.requires_grad_(False)
@@ -128,11 +132,9 @@ class Trainer:
         self._stop_requested = False
         self.skip_zero_advantages = True
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._check_memory()
         if resume:
-            ckpt = find_latest_checkpoint(self.run_dir) if resume is True or resume == "latest" else Path(resume)
-            if ckpt is None:
-                raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
-            self._restore(ckpt)
+            self._resume(resume)
         elif self.metrics_path.exists() and self.is_main:
             self.metrics_path.unlink()
         if self.is_main:
@@ -147,6 +149,50 @@ class Trainer:
             self.tracker.init_trackers("tensorboard", config=flat)
 
     # --- setup ------------------------------------------------------------------------------------------------
+    #: what a run writes into its directory (removed by ``overwrite``)
+    RUN_FILES = ("checkpoints", "metrics.jsonl", "eval", "tensorboard", "config.yaml", "reward_curve.png",
+                 "turning_points.png")
+
+    def _prepare_run_dir(self, resume, overwrite: bool) -> None:
+        """Create ``run_dir``; refuse to start a new run over another run's checkpoints unless ``overwrite`` (which
+        removes that run's files); tidy what a crashed writer left (temporaries, a lagging ``latest``)."""
+        try:
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise ValueError(f"run_dir: {self.run_dir} is a file, not a directory")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"run_dir: cannot create {self.run_dir} ({e.strerror or e})") from None
+        existing = find_latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            if not overwrite:
+                raise ValueError(f"run_dir: {self.run_dir} already holds a run (checkpoint {existing.name}); use "
+                                 f"--resume to continue it, another run_dir, or --overwrite to replace it")
+            dist.barrier()  # every process has seen the old run before the main process removes it
+            if self.is_main:
+                for name in self.RUN_FILES:
+                    p = self.run_dir / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            dist.barrier()
+        if self.is_main:
+            clean_stale_temporaries(self.run_dir / "checkpoints")
+            sync_latest(self.run_dir)
+
+    def _check_memory(self, fraction: float = 0.8) -> None:
+        """Refuse, before any sampling, an epoch whose stored latents cannot fit in this machine's memory."""
+        import psutil
+
+        s, t = self.cfg.sampling, self.cfg.training
+        latent = int(np.prod(self.model.latent_shape()))
+        W = s.window_size
+        C = self.cfg.tempflow.children if self.cfg.algorithm == "tempflow_grpo" else 0
+        per_sample = (2 * W + 2 + (W + 1) + 2 * W * C) * latent * 4  # states, next states, finals, forks, children
+        need = self.cfg.samples_per_epoch * per_sample / dist.world_size()
+        have = psutil.virtual_memory().total
+        if need > fraction * have:
+            raise ValueError(f"training.prompts_per_epoch: an epoch of {self.cfg.samples_per_epoch} samples "
+                             f"(prompts_per_epoch × group_size) stores about {need / 2**30:.1f} GiB of latents per "
+                             f"process; this machine has {have / 2**30:.1f} GiB")
+
     def _warn_near_deterministic_steps(self, ratio: float = 0.05) -> None:
         """The log-prob gradient of a transition scales like 1/std, so a trained step whose std is tiny next to the
         others (e.g. the last step before σ = 0 on an unshifted schedule) dominates every update with noise."""
@@ -607,23 +653,57 @@ class Trainer:
         dist.barrier()
         return path
 
+    def _resume(self, resume) -> None:
+        """``--resume``: the newest complete checkpoint, falling back (and saying so) to an older one when it is
+        corrupt; a checkpoint named explicitly must load as it is."""
+        if resume is True or resume == "latest":
+            candidates = complete_checkpoints(self.run_dir)[::-1]
+            if not candidates:
+                raise FileNotFoundError(f"run_dir: no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
+        else:
+            candidates = [resolve_checkpoint(resume)]
+        for i, path in enumerate(candidates):
+            try:
+                self._restore(path)
+                return
+            except CheckpointError as e:
+                if i + 1 == len(candidates):
+                    raise
+                if self.is_main:
+                    print(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1].name}",
+                          file=sys.stderr)
+
     def _restore(self, path: Path) -> None:
         ck = load_checkpoint(path)
         params = dict(self.model.transformer.named_parameters())
+        trained = {n for n, p in params.items() if p.requires_grad}
+        if set(ck["lora"]) != trained:
+            raise CheckpointError(f"{path}: its {len(ck['lora'])} trained tensors are not this run's {len(trained)} "
+                                  f"(another model, training.lora_rank, lora_target_modules or full_finetune?)")
         for name, value in ck["lora"].items():
-            if name not in params:
-                raise ValueError(f"{path}: checkpoint parameter {name} does not exist in the model")
-            params[name].data.copy_(value)
-        self.ema.load_state_dict(ck["ema"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+            if value.shape != params[name].shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, this run's has "
+                                      f"{tuple(params[name].shape)} (another training.lora_rank?)")
+        try:
+            self.ema.load_state_dict(ck["ema"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path}: EMA or optimizer state does not fit this run ({str(e)[:120]})") from None
+        with torch.no_grad():
+            for name, value in ck["lora"].items():
+                params[name].copy_(value)
         st = ck["state"]
         self.epoch, self.optimizer_steps, self.nonfinite_in_row = st["epoch"], st["optimizer_steps"], st["nonfinite_in_row"]
-        if self.metrics_path.exists() and self.is_main:  # forget records of epochs after the checkpoint
-            lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("epoch", 0) <= self.epoch]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
-        if self.is_main:
+        if self.epoch > self.cfg.training.epochs:
+            raise CheckpointError(f"{path}: epoch {self.epoch} is beyond training.epochs={self.cfg.training.epochs}")
+        if self.is_main:  # forget records of epochs after the checkpoint, and a line cut by a crash
+            records = read_metrics_records(self.metrics_path)
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records
+                                                 if r.get("epoch", 0) <= self.epoch))
             print(f"resumed from {path} (epoch {self.epoch})")
+
+    def _logged_epoch0_eval(self) -> bool:
+        return self.is_main and any(r.get("epoch") == 0 and "eval" in r for r in read_metrics_records(self.metrics_path))
 
     def _request_stop(self, signum, frame):
         self._stop_requested = True
@@ -639,7 +719,7 @@ class Trainer:
         old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         summary: dict = {}
         try:
-            if self.epoch == 0:
+            if self.epoch == 0 and not self._logged_epoch0_eval():
                 t0 = time.perf_counter()
                 ev = self.evaluate(0)
                 self.log({"epoch": 0, "eval": ev, "time_eval": time.perf_counter() - t0})
@@ -679,6 +759,8 @@ class Trainer:
                     post["eval"] = f"{record['eval']['partial']:.3f}/{record['eval']['strict']:.3f}"
                 bar.set_postfix(post)
             bar.close()
+            if stop and self.epoch == 0:  # stopped before the first epoch: save the initial state, so --resume works
+                self.checkpoint()
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -691,6 +773,11 @@ class Trainer:
         summary["epoch"] = self.epoch
         summary["interrupted"] = self._stopping()
         return summary
+
+
+def read_metrics_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` ([] when there is none; a line cut by a crash is dropped)."""
+    return read_metrics(path) if Path(path).is_file() else []
 
 
 def _reduce_counts(values: list) -> list:

@@ -161,12 +161,19 @@ class ShapesModel(nn.Module):
         path = Path(path) if path else default_weights_path()
         if not path.is_file():
             raise FileNotFoundError(f"model weights not found: {path} (train them with `tpgrpo pretrain-shapes`)")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        model = cls(json.loads(meta.get("config", "{}")), **kw)
-        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            config = json.loads(meta.get("config", "{}"))
+            if not isinstance(config, dict):
+                raise ValueError("its metadata holds no model config")
+            model = cls(config, **kw)
+            missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a shapes model safetensors file ({first})") from None
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ..io_checks import input_file, output_dir, output_file
 from ..models.toy import ShapesModel
 from .grammar import TAGS, PromptSpec, split_prompts
 from .render import render_prompt
@@ -45,12 +47,34 @@ class PretrainConfig:
     init: str | None = None            # safetensors weights to start from (default: random initialisation)
 
     def __post_init__(self):
+        for name in ("steps", "batch_size", "ckpt_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000_000:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer in [1, 10000000], got {v}")
+        if self.batch_size > 65536:
+            raise ValueError(f"--batch-size must be at most 65536, got {self.batch_size}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"--warmup must be in [0, --steps], got {self.warmup}")
+        if not (math.isfinite(self.lr) and 0 <= self.lr <= 10):
+            raise ValueError(f"--lr must be a finite number in [0, 10], got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed <= (1 << 63) - 1:
+            raise ValueError(f"--seed must be in [0, 2^63), got {self.seed}")
+        output_dir("--out", self.out)
+        if self.export is not None:
+            output_file("--export", self.export, (".safetensors",))
         if not 0.0 <= self.caption_noise < 1.0:
             raise ValueError(f"caption_noise must be in [0, 1), got {self.caption_noise}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.init is not None and not Path(self.init).is_file():
-            raise ValueError(f"init: weights file not found: {self.init}")
+        if self.init is not None:
+            input_file("--init", self.init)
+            try:
+                with safe_open(self.init, "pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"--init: {self.init} is not a safetensors file ({e})") from None
 
 
 def _lr_at(step: int, cfg: PretrainConfig) -> float:

@@ -1,0 +1,44 @@
+"""Checks of user-given paths, made before any expensive work: each failure is a ValueError with one line naming
+the flag or field and the path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _first_existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def output_dir(what: str, path: str | Path) -> Path:
+    """A directory we may create (or reuse): not an existing file, not below a file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what}: {p} is a file, not a directory")
+    parent = _first_existing_parent(p)
+    if not parent.is_dir():
+        raise ValueError(f"{what}: {p} lies below {parent}, which is a file")
+    return p
+
+
+def output_file(what: str, path: str | Path, suffixes: tuple[str, ...] | None = None) -> Path:
+    """A file we may write: not a directory, its directory creatable, and (if given) one of ``suffixes``."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a directory, not a file")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{what}: {p} must end in {' or '.join(suffixes)}")
+    output_dir(what, p.parent if str(p.parent) else ".")
+    return p
+
+
+def input_file(what: str, path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what}: {p} does not exist")
+    if not p.is_file():
+        raise ValueError(f"{what}: {p} is not a file")
+    return p
