@@ -244,7 +244,8 @@ def test_checkpoint_resume_gives_identical_velocities(pipeline_dirs, family, tmp
     opt = torch.optim.AdamW(trainable)
     lora = {n: p.detach().clone() for n, p in model.transformer.named_parameters() if p.requires_grad}
     save_checkpoint(tmp_path, 1, {"lora": lora, "ema": EMA(trainable, 0.9).state_dict(),
-                                  "optimizer": opt.state_dict(), "state": {"epoch": 1}})
+                                  "optimizer": opt.state_dict(),
+                                  "state": {"epoch": 1, "optimizer_steps": 0, "nonfinite_in_row": 0}})
     fresh = load_model(cfg.model)
     load_lora_into(fresh, cfg, find_latest_checkpoint(tmp_path), use_ema=False)
     x, cond, uncond = _inputs(model)
@@ -301,7 +302,8 @@ def test_export_lora_cli(pipeline_dirs, tmp_path):
     trainable = [p for p in model.transformer.parameters() if p.requires_grad]
     ck = save_checkpoint(tmp_path / "run", 3, {
         "lora": {n: p.detach().clone() for n, p in model.transformer.named_parameters() if p.requires_grad},
-        "ema": EMA(trainable, 0.9).state_dict(), "optimizer": {}, "state": {"epoch": 3}})
+        "ema": EMA(trainable, 0.9).state_dict(), "optimizer": {},
+        "state": {"epoch": 3, "optimizer_steps": 0, "nonfinite_in_row": 0}})
     rc = export_lora_cli(argparse.Namespace(config=None, overrides=overrides, checkpoint=str(ck),
                                             out=str(tmp_path / "out"), raw=False))
     assert rc == 0 and (tmp_path / "out" / LORA_WEIGHT_NAME).is_file()

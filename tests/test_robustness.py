@@ -165,10 +165,17 @@ def _cli_cases(tmp: Path, model: str) -> list[tuple[list, str]]:
         (["compare", a_file], "a_file.txt"),
         (["report", tmp / "no_run"], "no_run"),
         (["no-such-command"], "invalid choice"),
+        (["serve-reward", "--reward", "brightness", "--port", "70000"], "--port"),
+        (["serve-reward", "--reward", "brightness", "--port", "-1"], "--port"),
+        (["serve-reward", "--reward", "brightness", "--max-request-mb", "nan"], "--max-request-mb"),
+        (["serve-reward", "--reward", "brightness", "--max-request-mb", "inf"], "--max-request-mb"),
+        (["serve-reward", "--reward", "brightness", "--batch-wait-ms", "nan"], "--batch-wait-ms"),
+        (["serve-reward", "--reward", "brightness", "--read-timeout", "inf"], "--read-timeout"),
+        (["serve-reward", "--reward", "no_such_reward"], "no_such_reward"),
     ]
 
 
-BAD_CLI = list(range(38))  # indices into _cli_cases (built per test, with its temporary paths)
+BAD_CLI = list(range(45))  # indices into _cli_cases (built per test, with its temporary paths)
 
 
 @pytest.mark.parametrize("i", BAD_CLI)
