@@ -346,8 +346,16 @@ class Trainer:
             images = self.model.decode(latents[lo:lo + mb].flatten(0, len(extra)))
             flat_prompts = [p for p in prompts[lo:lo + mb] for _ in range(reps)]
             for name, fn in self.reward_fns.items():
-                for k, v in fn(images, flat_prompts).items():
-                    chunks.setdefault(f"{name}\0{k}", []).append(np.asarray(v))
+                scores = fn(images, flat_prompts)
+                if not isinstance(scores, dict) or fn.primary not in scores:
+                    raise TrainingAborted(f"reward {name!r} returned no {fn.primary!r} scores (a scorer returns a dict "
+                                          f"of per-image score arrays, its primary one included)")
+                for k, v in scores.items():
+                    v = np.asarray(v, dtype=np.float64).reshape(-1)
+                    if len(v) != len(images):
+                        raise TrainingAborted(f"reward {name!r}: score {k!r} has {len(v)} values for {len(images)} "
+                                              f"images")
+                    chunks.setdefault(f"{name}\0{k}", []).append(v)
         out, every = {}, {}
         for key, parts in chunks.items():
             name, k = key.split("\0")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import os
+import sys
+from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -35,9 +40,66 @@ def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _import_object(path: str):
+    """``package.module:attr`` or ``path/to/file.py:attr`` → the object (the working directory is importable, as
+    for ``python -m``). One-line ValueErrors name what failed."""
+    target, _, attr = path.rpartition(":")
+    if not target or not attr:
+        raise ValueError(f"reward.name: {path!r}: expected a registered name or module:attribute")
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise ValueError(f"reward.name: {path!r}: file not found: {file}")
+            spec = importlib.util.spec_from_file_location(f"tpgrpo_user_reward_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except ValueError:
+        raise
+    except Exception as e:  # the user's module failed to import: say which and why, on one line
+        raise ValueError(f"reward.name: {path!r}: cannot import {target} ({type(e).__name__}: {one_line(e)})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward.name: {path!r}: {target} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _user_reward(path: str, kwargs: dict) -> RewardFunction:
+    """A reward given by import path: a scorer object (with ``primary`` and ``__call__``), or a factory — a class or
+    function — that the reward's options are passed to and that returns one."""
+    obj = _import_object(path)
+    if not callable(obj):
+        raise ValueError(f"reward.name: {path!r} is not callable")
+    is_scorer = not inspect.isclass(obj) and isinstance(getattr(obj, "primary", None), str)
+    if is_scorer:
+        if kwargs:
+            raise ValueError(f"reward {path!r}: a scorer object takes no options (got {', '.join(sorted(kwargs))}); "
+                             f"point reward.name at a factory instead")
+        scorer = obj
+    else:
+        try:
+            scorer = obj(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"reward {path!r}: bad options ({one_line(e)})") from None
+    if not callable(scorer) or not isinstance(getattr(scorer, "primary", None), str):
+        raise ValueError(f"reward.name: {path!r} must be a scorer with a `primary` score name and "
+                         f"__call__(images, prompts, metadata=None), or a factory returning one")
+    return scorer
+
+
 def build_reward(name: str, **kwargs) -> RewardFunction:
+    """A registered reward by name, or your own by import path (``module:attr`` or ``file.py:attr``)."""
+    if name not in _REGISTRY and ":" in name:
+        return _user_reward(name, kwargs)
     if name not in _REGISTRY:
-        raise ValueError(f"reward.name: unknown reward {name!r}; registered: {', '.join(registered_rewards())}")
+        raise ValueError(f"reward.name: unknown reward {name!r}; registered: {', '.join(registered_rewards())} "
+                         f"(or module:attribute for your own)")
     factory = _REGISTRY[name]
     if kwargs:
         try:
