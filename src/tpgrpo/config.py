@@ -46,8 +46,11 @@ def _types_of(annotation) -> set:
 
 
 class ModelConfig(_Section):
-    kind: Literal["shapes", "sd3", "flux"] = "shapes"
-    path: str | None = None  # shapes: weights file (None = built-in); sd3/flux: hub id or local diffusers directory
+    kind: Literal["shapes", "sd3", "flux"] = Field(
+        "shapes", description="model family: shapes = the built-in tiny model of the shapes world; sd3 = Stable "
+                              "Diffusion 3 / 3.5 (diffusers); flux = FLUX.1 (diffusers)")
+    path: str | None = Field(None, description="shapes: safetensors weights file (None: the built-in weights); "
+                                               "sd3/flux (required): hub id or local diffusers pipeline directory")
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="sd3/flux: weight dtype of the frozen components and autocast dtype; latents and step "
                             "math stay fp32")
@@ -55,9 +58,10 @@ class ModelConfig(_Section):
                                                                       "pipeline's default)")
     device: str | None = Field(None, description="sd3/flux: torch device (None: cuda:LOCAL_RANK if available, "
                                                  "else cpu)")
-    max_sequence_length: int | None = Field(None, ge=1, le=4096, description="sd3/flux T5 tokens (None: pipeline default, "
-                                                                    "256 SD3 / 512 FLUX)")
-    gradient_checkpointing: bool = False
+    max_sequence_length: int | None = Field(None, ge=1, le=4096, description="sd3/flux T5 tokens (None: pipeline "
+                                                                             "default, 256 SD3 / 512 FLUX)")
+    gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in the backward "
+                                                            "pass (less memory, slower training)")
     full_finetune: bool = Field(False, description="train every transformer weight (no LoRA); the KL reference is "
                                                    "a frozen copy")
     lora_target_modules: list[str] | None = Field(None, min_length=1, description="override the model's LoRA target "
@@ -65,23 +69,38 @@ class ModelConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    num_steps: int = Field(10, ge=2, le=MAX_STEPS, description="denoising steps of a training rollout (T)")
-    eval_num_steps: int = Field(20, ge=1, le=MAX_STEPS)
-    shift: float = Field(1.0, gt=0, le=1e3, description="static σ shift (ignored where the model sets a dynamic one, FLUX, "
-                                                "except with spacing linspace)")
+    num_steps: int = Field(10, ge=2, le=MAX_STEPS, description="denoising steps of a training rollout (T); the last "
+                                                               "one is deterministic and never trained")
+    eval_num_steps: int = Field(20, ge=1, le=MAX_STEPS, description="denoising steps of the deterministic (ODE) "
+                                                                    "sampling of evaluation")
+    shift: float = Field(1.0, gt=0, le=1e3, description="static σ shift (ignored where the model sets a dynamic one, "
+                                                        "FLUX, except with spacing linspace)")
     spacing: Literal["auto", "scheduler", "flux_pipeline", "linspace"] = Field(
         "auto", description="σ grid before the shift: auto = the model's own pipeline (FLUX: flux_pipeline, others: "
                             "scheduler); scheduler = the diffusers scheduler's default timesteps; flux_pipeline = "
                             "FluxPipeline's linspace(1, 1/T, T); linspace = DanceGRPO's linspace(1, 0, T+1) with "
                             "the static shift")
-    guidance_scale: float = Field(3.0, ge=1.0, le=100.0)
-    kernel: Literal["sde", "cps", "dance"] = "cps"
-    noise_level: float = Field(0.7, gt=0, le=10.0, description="a (sde), η (cps, dance)")
-    logprob: Literal["gaussian", "mse"] = "gaussian"
-    window_size: int = Field(9, ge=1, le=MAX_STEPS, description="W: consecutive stochastic (trained) steps")
-    window_start_min: int = Field(0, ge=0, le=MAX_STEPS)
-    window_start_max: int = Field(0, ge=0, le=MAX_STEPS)
-    same_noise: bool = False  # every member of a prompt group starts from the same initial noise
+    guidance_scale: float = Field(3.0, ge=1.0, le=100.0, description="classifier-free guidance scale of rollouts, "
+                                                                     "training and evaluation (1: no CFG; FLUX.1-dev: "
+                                                                     "its distilled guidance input)")
+    kernel: Literal["sde", "cps", "dance"] = Field(
+        "cps", description="stochastic step of the window: sde = Flow-GRPO's SDE (noise scale a·sqrt(σ/(1 − σ))); "
+                           "cps = coefficient-preserving (std σ′·sin(η·π/2)); dance = the sde mean with a constant "
+                           "noise scale η (DanceGRPO)")
+    noise_level: float = Field(0.7, gt=0, le=10.0, description="noise level of the kernel: a (sde), η (cps, where it "
+                                                               "must be ≤ 1; dance)")
+    logprob: Literal["gaussian", "mse"] = Field(
+        "gaussian", description="transition log-probability: gaussian = the Gaussian log-density averaged over latent "
+                                "elements; mse = −mean((x′ − μ)²) (TP-GRPO's cps reference)")
+    window_size: int = Field(9, ge=1, le=MAX_STEPS, description="W: consecutive stochastic (trained) steps of a "
+                                                                "trajectory, the others are ODE (TempFlow-GRPO: its "
+                                                                "branch points)")
+    window_start_min: int = Field(0, ge=0, le=MAX_STEPS, description="smallest step index the window starts at; each "
+                                                                     "epoch draws the start uniformly in [min, max]")
+    window_start_max: int = Field(0, ge=0, le=MAX_STEPS, description="largest step index the window starts at (= "
+                                                                     "window_start_min: a fixed window)")
+    same_noise: bool = Field(False, description="every member of a prompt group starts from the same initial noise "
+                                                "(DanceGRPO)")
 
     @model_validator(mode="after")
     def _window_fits(self):
@@ -95,19 +114,24 @@ class SamplingConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_prompts: str = "shapes:train"  # "shapes:train" | "shapes:test" | path to a text file (one prompt a line)
-    eval_prompts: str = "shapes:test"
-    eval_per_tag: int = Field(16, ge=1, le=10000)
+    train_prompts: str = Field("shapes:train", description="training prompts: shapes:train or shapes:test (the "
+                                                           "shapes grammar's splits), or a UTF-8 text file, one prompt "
+                                                           "a line")
+    eval_prompts: str = Field("shapes:test", description="evaluation prompts, in the forms train_prompts takes")
+    eval_per_tag: int = Field(16, ge=1, le=10000, description="evaluation items per prompt tag (shapes: each of the "
+                                                              "six GenEval tags; a prompt file is one tag)")
     eval_seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the evaluation set (prompts and noise), "
                                                             "independent of the run seed")
-    eval_batch_size: int = Field(128, ge=1, le=65536, description="evaluation items sampled, decoded and scored together; the "
-                                                        "unit of work split over processes")
+    eval_batch_size: int = Field(128, ge=1, le=65536, description="evaluation items sampled, decoded and scored "
+                                                                  "together; the unit of work split over processes")
 
 
 class RewardConfig(_Section):
-    name: str = "shapes"
+    name: str = Field("shapes", description="the reward function's registered name, e.g. shapes, brightness, "
+                                            "clip_score, pickscore, aesthetic, ocr, remote")
     weights: dict[str, float] = Field(default_factory=dict,
-                                      description="several rewards by name with weights (overrides name)")
+                                      description="several rewards by name with weights (overrides name; evaluation "
+                                                  "scores with the first)")
     aggregate: Literal["reward", "advantage", "loss"] = Field(
         "reward", description="several rewards: reward = weighted sum of rewards, one credit; advantage = credit per "
                               "reward, weighted sum of advantages, one clipped term; loss = credit per reward, each "
@@ -129,22 +153,31 @@ class RewardConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(20, ge=1, le=10_000_000)
-    prompts_per_epoch: int = Field(8, ge=1, le=MAX_SAMPLES)
-    group_size: int = Field(8, ge=1, le=65536)
-    sample_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES, description="samples per sampling micro-batch "
-                                                                         "(balancing scope)")
-    train_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES)
-    max_batch: int = Field(256, ge=1, le=65536, description="largest model-call batch (CFG doubles the states)")
-    inner_epochs: int = Field(1, ge=1, le=1000)
-    lr: float = Field(3e-4, gt=0, le=10.0)
+    epochs: int = Field(20, ge=1, le=10_000_000, description="training epochs; each samples, scores and credits a "
+                                                             "batch, then runs inner_epochs of updates on it")
+    prompts_per_epoch: int = Field(8, ge=1, le=MAX_SAMPLES, description="prompt groups per epoch (samples per epoch "
+                                                                        "= prompts_per_epoch × group_size)")
+    group_size: int = Field(8, ge=1, le=65536, description="G: trajectories per prompt (at least 2); advantages are "
+                                                           "normalised within the group")
+    sample_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES, description="samples per sampling micro-batch: rolled "
+                                                                         "out and scored together; TP-GRPO's "
+                                                                         "microbatch balancing scope")
+    train_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES, description="trained rows (samples; TempFlow-GRPO: "
+                                                                        "children) per optimizer step")
+    max_batch: int = Field(256, ge=1, le=65536, description="most states per transformer call in rollouts and "
+                                                            "evaluation (CFG doubles the states)")
+    inner_epochs: int = Field(1, ge=1, le=1000, description="passes of updates over each epoch's samples")
+    lr: float = Field(3e-4, gt=0, le=10.0, description="AdamW learning rate")
     lr_schedule: Literal["constant", "linear"] = Field(
-        "constant", description="linear: lr · (1 − (epoch − 1) / epochs) in epoch 1 … epochs (decays towards 0)")
-    weight_decay: float = Field(1e-4, ge=0, le=100.0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    clip_range: float = Field(1e-4, gt=0, le=1e3)
-    adv_clip_max: float = Field(5.0, gt=0)
-    beta: float = Field(0.0, ge=0, description="KL weight")
+        "constant", description="constant: lr in every epoch; linear: lr · (1 − (epoch − 1) / epochs) in epoch 1 … "
+                                "epochs (decays towards 0)")
+    weight_decay: float = Field(1e-4, ge=0, le=100.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this total norm before each "
+                                                        "optimizer step")
+    clip_range: float = Field(1e-4, gt=0, le=1e3, description="PPO clip ε: the ratio ρ is clipped to [1 − ε, 1 + ε]")
+    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to ± this value")
+    beta: float = Field(0.0, ge=0, description="β: weight of the KL to the reference policy (the base model; 0: no "
+                                               "KL term)")
     kl_variance: Literal["transition", "noise_scale"] = Field(
         "transition", description="KL = mean((μ_θ − μ_ref)²) / (2·var): transition = the transition variance std² "
                                   "(the per-step Gaussian KL); noise_scale = the kernel's noise scale² without Δ "
@@ -152,13 +185,18 @@ class TrainingConfig(_Section):
     recompute_old_logprobs: bool = Field(
         False, description="old log-probs from the training forward pass (one extra forward per trained transition) "
                            "instead of the rollout's: the first update's ratio is then exactly 1 on any hardware")
-    global_std: bool = False
+    global_std: bool = Field(False, description="Flow-GRPO: divide advantages by the whole epoch's reward std "
+                                                "instead of the group's (the mean stays the group's)")
     lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank (at most the smallest targeted layer width)")
-    lora_alpha: float = Field(16, gt=0, le=1e6)
-    ema_decay: float = Field(0.9, ge=0, lt=1)
-    ema_every: int = Field(1, ge=1, le=10_000_000)
-    eval_every: int = Field(5, ge=1, le=10_000_000)
-    checkpoint_every: int = Field(5, ge=1, le=10_000_000)
+    lora_alpha: float = Field(16, gt=0, le=1e6, description="LoRA α: the adapters' update is scaled by "
+                                                            "lora_alpha / lora_rank")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA of the trained weights, used for evaluation: "
+                                                          "ema ← decay·ema + (1 − decay)·weights")
+    ema_every: int = Field(1, ge=1, le=10_000_000, description="update the EMA every this many optimizer steps")
+    eval_every: int = Field(5, ge=1, le=10_000_000, description="evaluate every this many epochs (and after the "
+                                                                "last; epoch 0 is always evaluated)")
+    checkpoint_every: int = Field(5, ge=1, le=10_000_000, description="save a checkpoint every this many epochs (and "
+                                                                      "after the last or when stopped)")
     max_nonfinite: int = Field(3, ge=1, le=1_000_000, description="abort after this many non-finite updates in a row")
 
     @model_validator(mode="after")
@@ -176,17 +214,29 @@ class TrainingConfig(_Section):
 
 
 class TPGRPOConfig(_Section):
-    consistent: bool = True
-    first_step: bool = True
-    balance: bool = True
-    balance_rank: Literal["trajectory", "aggregated"] = "trajectory"
-    balance_scope: Literal["microbatch", "group", "batch"] = "microbatch"
-    completion: Literal["lockstep", "sequential"] = "lockstep"
-    completion_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="ODE steps for a fork's completion; None = all")
+    consistent: bool = Field(True, description="consistent turning points (the paper's main rule: the rest of the "
+                                               "trajectory keeps the step's sign); false: plain Definition 4.1")
+    first_step: bool = Field(True, description="the first window step may be a turning point (the paper's "
+                                               "first-step rule); false: it never is")
+    balance: bool = Field(True, description="balance turning points by sign in each scope: keep min(#positive, "
+                                            "#negative) of each sign when both occur")
+    balance_rank: Literal["trajectory", "aggregated"] = Field(
+        "trajectory", description="which turning points balancing keeps: trajectory = largest |R_W − R_0| of the "
+                                  "trajectory (the reference); aggregated = largest |g_t|")
+    balance_scope: Literal["microbatch", "group", "batch"] = Field(
+        "microbatch", description="where balancing counts signs: microbatch = each sampling micro-batch (the "
+                                  "reference); group = each prompt group; batch = the whole epoch")
+    completion: Literal["lockstep", "sequential"] = Field(
+        "lockstep", description="how window states are ODE-completed: lockstep = batched with the main trajectory; "
+                                "sequential = one state after another afterwards, like the reference (benchmarks)")
+    completion_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="ODE steps of a completion, an evenly "
+                                                                               "spaced sub-path of the schedule (also "
+                                                                               "TempFlow's children); None = all")
 
 
 class DanceConfig(_Section):
-    timestep_fraction: float = Field(0.6, gt=0, le=1)
+    timestep_fraction: float = Field(0.6, gt=0, le=1, description="share of the window steps each trajectory "
+                                                                  "trains, chosen at random (at least one step)")
     unbiased_std: bool = Field(True, description="group std with n − 1 (the DanceGRPO reference); false: the "
                                                  "population std of the other methods")
     std_eps: float = Field(1e-8, ge=0, description="added to the group std (reference 1e-8; the other methods 1e-4)")
@@ -194,21 +244,45 @@ class DanceConfig(_Section):
 
 class TempFlowConfig(_Section):
     children: int = Field(6, ge=1, le=256, description="C: SDE children per branch point")
-    branch_steps: list[int] | None = Field(None, description="branch points (step indices); None = the window")
+    branch_steps: list[int] | None = Field(None, description="branch points (increasing step indices before the "
+                                                             "final step), used instead of the window; None = the "
+                                                             "window")
+
+
+class LoggingConfig(_Section):
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers (accelerate): tensorboard writes "
+                                                              "RUN_DIR/tensorboard; wandb needs `pip install wandb`")
+    project: str = Field("tpgrpo", min_length=1, description="wandb project name")
+    run_name: str | None = Field(None, description="wandb run name (None: the run directory's name)")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="wandb mode (None: the WANDB_MODE environment variable, else wandb's default)")
 
 
 class Config(_Section):
-    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo"] = "tpgrpo"
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    run_dir: str = Field("runs/default", min_length=1)
-    model: ModelConfig = ModelConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    data: DataConfig = DataConfig()
-    reward: RewardConfig = RewardConfig()
-    training: TrainingConfig = TrainingConfig()
-    tpgrpo: TPGRPOConfig = TPGRPOConfig()
-    dance: DanceConfig = DanceConfig()
-    tempflow: TempFlowConfig = TempFlowConfig()
+    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo"] = Field(
+        "tpgrpo", description="method: tpgrpo = TP-GRPO (turning points); flow_grpo = Flow-GRPO; dance_grpo = "
+                              "DanceGRPO; tempflow_grpo = TempFlow-GRPO (branching, noise-aware weights)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="run seed: every random choice of epoch e (prompts, window, "
+                                                        "noise, shuffling) derives from (seed, e)")
+    run_dir: str = Field("runs/default", min_length=1, description="directory of the run: config.yaml, "
+                                                                   "metrics.jsonl, checkpoints, evaluation grids, "
+                                                                   "tensorboard")
+    model: ModelConfig = Field(ModelConfig(), description="the flow-matching model, how it is loaded and what "
+                                                          "trains")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="the σ schedule, guidance, stochastic kernel and "
+                                                                   "trained window of the rollouts")
+    data: DataConfig = Field(DataConfig(), description="training and evaluation prompts")
+    reward: RewardConfig = Field(RewardConfig(), description="the reward function(s) and how several are combined")
+    training: TrainingConfig = Field(TrainingConfig(), description="batch sizes, optimizer, clipped policy loss, "
+                                                                   "KL, LoRA, EMA, evaluation and checkpoints")
+    tpgrpo: TPGRPOConfig = Field(TPGRPOConfig(), description="TP-GRPO's turning points, balancing and ODE "
+                                                             "completions (algorithm tpgrpo)")
+    dance: DanceConfig = Field(DanceConfig(), description="DanceGRPO's trained-step subset and advantage std "
+                                                          "(algorithm dance_grpo)")
+    tempflow: TempFlowConfig = Field(TempFlowConfig(), description="TempFlow-GRPO's branching (algorithm "
+                                                                   "tempflow_grpo)")
+    logging: LoggingConfig = Field(LoggingConfig(), description="experiment trackers (tensorboard, wandb)")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -334,3 +408,86 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def config_reference() -> str:
+    """The configuration reference (``docs/config.md``) as Markdown, generated from the models: one table per section
+    with each field's type and bounds (from its pydantic constraints), default and description."""
+
+    def number(x, whole_floats_as_int: bool = False) -> str:
+        if whole_floats_as_int and isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+            x = int(x)  # a bound: ≤ 1000, not ≤ 1000.0
+        if isinstance(x, int):
+            return f"{x:_}" if abs(x) >= 100_000 else str(x)
+        mantissa, e, exponent = repr(x).partition("e")
+        return f"{mantissa}e{int(exponent)}" if e else mantissa
+
+    def type_name(annotation) -> str:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is Literal:
+            return " | ".join(str(a) for a in args)
+        if origin is typing.Union or (origin is not None and type(annotation).__name__ == "UnionType"):
+            return " | ".join(type_name(a) for a in args)
+        if annotation is type(None):
+            return "None"
+        if annotation is Any:
+            return "Any"
+        if origin is not None:
+            return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+        return getattr(annotation, "__name__", str(annotation))
+
+    def bounds(metadata) -> list[str]:
+        out = []
+        for m in metadata:
+            for attr, sign, prefix in (("gt", ">", ""), ("ge", "≥", ""), ("lt", "<", ""), ("le", "≤", ""),
+                                       ("min_length", "≥", "length "), ("max_length", "≤", "length "),
+                                       ("multiple_of", "multiple of", "")):
+                value = getattr(m, attr, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out.append(f"{prefix}{sign} {number(value, whole_floats_as_int=True)}")
+        return out
+
+    def default(f) -> str:
+        value = f.default_factory() if f.default_factory is not None else f.default
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (int, float)):
+            return number(value)
+        if isinstance(value, str):
+            return value
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=True).strip()
+
+    def cell(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+    def table(prefix: str, model: type[BaseModel]) -> list[str]:
+        rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                continue
+            kind = type_name(f.annotation)
+            limits = bounds(f.metadata)
+            if limits:
+                kind += f" ({', '.join(limits)})"
+            rows.append(f"| `{cell(prefix + name)}` | {cell(kind)} | `{cell(default(f))}` | "
+                        f"{cell(f.description or '')} |")
+        return rows
+
+    lines = ["# Configuration reference", "",
+             "Generated by `tpgrpo.config.config_reference()` from the pydantic models in `src/tpgrpo/config.py` "
+             "and checked by `tests/test_config_reference.py`; do not edit it by hand. Every field can be set in a "
+             "YAML preset (`configs/`) or overridden on the command line as `section.field=value` (top-level "
+             "fields: `field=value`; the value is read as YAML, so `null` is None, e.g. "
+             "`tpgrpo train --config configs/default.yaml training.lr=1e-3 model.path=null`). Unknown fields and "
+             "values outside the ranges below are rejected.", "",
+             "## Top-level fields", "", *table("", Config)]
+    for name, f in Config.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            lines += ["", f"## `{name}`", ""]
+            if f.description:
+                text = f.description
+                lines += [(text[0].upper() if text[0].isascii() else text[0]) + text[1:] + ".", ""]
+            lines += table(f"{name}.", f.annotation)
+    return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
+from . import tracking
 from .advantages import nonzero_advantage_mask
 from .checkpoint import (CheckpointError, clean_stale_temporaries, complete_checkpoints, find_latest_checkpoint,
                          load_checkpoint, resolve_checkpoint, save_checkpoint, sync_latest)
@@ -139,18 +140,11 @@ class Trainer:
             self.metrics_path.unlink()
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.tracker = None
-        if log_trackers and self.is_main:  # tensorboard through accelerate's trackers
-            from accelerate import Accelerator
-
-            self.tracker = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard",
-                                       project_dir=str(self.run_dir))
-            flat = {k: v for k, v in _flatten(cfg.model_dump()).items() if isinstance(v, (int, float, str, bool))}
-            self.tracker.init_trackers("tensorboard", config=flat)
+        self.tracker = tracking.start_trackers(cfg, self.run_dir) if log_trackers and self.is_main else None
 
     # --- setup ------------------------------------------------------------------------------------------------
     #: what a run writes into its directory (removed by ``overwrite``)
-    RUN_FILES = ("checkpoints", "metrics.jsonl", "eval", "tensorboard", "config.yaml", "reward_curve.png",
+    RUN_FILES = ("checkpoints", "metrics.jsonl", "eval", "tensorboard", "wandb", "config.yaml", "reward_curve.png",
                  "turning_points.png")
 
     def _prepare_run_dir(self, resume, overwrite: bool) -> None:
@@ -637,7 +631,9 @@ class Trainer:
                            seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed,
                            uncond=self.uncond, chunk=cfg.data.eval_batch_size)
         if grid and self.is_main:
-            save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
+            png = save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
+            if self.tracker is not None:
+                tracking.log_grid(self.tracker, png, epoch)
         return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores", "strict_scores")}
 
     def log(self, record: dict) -> None:
@@ -646,9 +642,7 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tracker is not None:
-            values = {k: v for k, v in _flatten(record).items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "epoch"}
-            self.tracker.log(values, step=record["epoch"])
+            tracking.log_record(self.tracker, record)
 
     def checkpoint(self) -> Path:
         """Written by the main process only (every process holds the same state); the others wait for it."""
@@ -773,11 +767,7 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             if self.tracker is not None:
-                if dist.world_size() > 1:  # end_training() would also tear down the process group
-                    for tracker in self.tracker.trackers:
-                        tracker.finish()
-                else:
-                    self.tracker.end_training()
+                tracking.finish(self.tracker, keep_process_group=dist.world_size() > 1)
         summary["epoch"] = self.epoch
         summary["interrupted"] = self._stopping()
         return summary
@@ -792,18 +782,3 @@ def _reduce_counts(values: list) -> list:
     """[count, count, maximum] of every process → [sum, sum, max]."""
     parts = dist.all_gather_object(values)
     return [sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts)]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        elif isinstance(v, (list, tuple)):
-            for i, x in enumerate(v):
-                if isinstance(x, (int, float)):
-                    out[f"{key}/{i}"] = x
-        else:
-            out[key] = v
-    return out
