@@ -110,6 +110,8 @@ class SamplingConfig(_Section):
             raise ValueError(
                 f"window_size: a window of {self.window_size} starting at step {self.window_start_max} reaches the "
                 f"final step (num_steps={self.num_steps}); the final step is deterministic and never trained")
+        if self.kernel == "cps" and self.noise_level > 1:
+            raise ValueError(f"noise_level: the cps kernel's η must lie in (0, 1], got {self.noise_level}")
         return self
 
 

@@ -177,8 +177,9 @@ class Trainer:
 
         s, t = self.cfg.sampling, self.cfg.training
         latent = int(np.prod(self.model.latent_shape()))
-        W = s.window_size
-        C = self.cfg.tempflow.children if self.cfg.algorithm == "tempflow_grpo" else 0
+        tempflow = self.cfg.algorithm == "tempflow_grpo"
+        W = len(self.cfg.tempflow.branch_steps) if tempflow and self.cfg.tempflow.branch_steps else s.window_size
+        C = self.cfg.tempflow.children if tempflow else 0
         per_sample = (2 * W + 2 + (W + 1) + 2 * W * C) * latent * 4  # states, next states, finals, forks, children
         need = self.cfg.samples_per_epoch * per_sample / dist.world_size()
         have = psutil.virtual_memory().total
