@@ -1,4 +1,5 @@
-"""Command line: ``tpgrpo train | eval | compare | report | bench | serve-reward | export-lora | pretrain-shapes``.
+"""Command line: ``tpgrpo train | eval | sample | compare | report | bench | serve-reward | export-lora |
+pretrain-shapes``.
 
 Configuration errors and bad input print one line naming the field or file and exit with code 2 (no traceback).
 """
@@ -133,6 +134,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .sample import run_sample
+
+    try:
+        index = run_sample(cfg, prompts_file=args.prompts, prompt_texts=args.prompt, lora=args.lora, raw=args.raw,
+                           n_per_prompt=args.n_per_prompt, seed=args.seed, out=args.out, steps=args.steps,
+                           guidance=args.guidance, sampler=args.sampler, noise_level=args.noise_level)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # writing the images failed (disk full, permissions)
+        _fail(f"--out: {e}", 1)
+    print(f"wrote {len(index['images'])} images, index.json, index.csv and grid.png to {args.out}")
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from .shapes.pretrain import PretrainConfig, pretrain
 
@@ -226,6 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate the base model on the same prompts and seeds and report the gain with its "
                         "paired standard error")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate images from the base model, a run/checkpoint or an exported LoRA")
+    _add_config_args(p)
+    p.add_argument("--prompts", help="prompt file (one prompt a line) or shapes:train / shapes:test")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument("--lora", help="a run directory, checkpoint directory or checkpoints/latest (EMA weights), or "
+                   "export-lora's output (pytorch_lora_weights.safetensors, or transformer/ of full fine-tuning)")
+    p.add_argument("--raw", action="store_true", help="with a checkpoint: its raw trained weights instead of the EMA")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses a seed derived from (SEED, i, j)")
+    p.add_argument("--out", default="samples", help="output directory (PNGs, index.json, index.csv, grid.png)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampling.eval_num_steps)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: sampling.guidance_scale)")
+    p.add_argument("--sampler", choices=("ode", "sde", "cps", "dance"), default="ode",
+                   help="ode: the deterministic evaluation sampler; sde / cps / dance: that stochastic step on every "
+                        "step but the last")
+    p.add_argument("--noise-level", type=float, default=None,
+                   help="noise level of a stochastic sampler (default: sampling.noise_level)")
+    p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("compare", help="run methods × seeds at equal epochs and write a comparison report")
     p.add_argument("spec", nargs="?", default="configs/compare_shapes.yaml", help="comparison spec (YAML)")
