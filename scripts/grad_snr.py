@@ -1,4 +1,4 @@
-"""Gradient signal-to-noise probe (used for docs/RESULTS.md, issue #2).
+"""Gradient signal-to-noise probe (docs/RESULTS.md: gradient noise).
 
 Takes K independent policy-gradient estimates at the *initial* model — one epoch's batch each (epochs 1…K of the
 config: different prompts and noise), no update — and prints the mean pairwise cosine between them. For independent

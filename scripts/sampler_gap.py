@@ -1,4 +1,4 @@
-"""Did training improve the samples it was trained on? (used for docs/RESULTS.md, issue #2)
+"""Did training improve the samples it was trained on? (docs/RESULTS.md: settings tried)
 
 Scores the base model and a run's LoRA (EMA) weights on the same fixed-seed *train* prompts with two samplers: the
 deterministic ODE (what evaluation uses) and the run's own training kernel over its window (what the rewards of
