@@ -51,6 +51,12 @@ def test_built_in_run(tiny_model_path, tmp_path, capsys, monkeypatch):
     assert cmd == ["tpgrpo", "train", "--config", "configs/default.yaml"]
     _run(cmd[1:] + _tiny(tiny_model_path, tmp_path / "run"), capsys)
     assert (tmp_path / "run" / "checkpoints" / "epoch_000001").is_dir()
+    # …and sampling from that run, as the README's first `tpgrpo sample` line does
+    sample = _commands("tpgrpo sample -c configs/default.yaml --lora runs/default")[0]
+    sample = [str(tmp_path / "run") if a == "runs/default" else str(tmp_path / "samples") if a == "samples" else a
+              for a in sample[1:]]
+    _run(sample + [f"model.path={tiny_model_path}", "sampling.eval_num_steps=2", "training.lora_rank=2"], capsys)
+    assert len(list((tmp_path / "samples").glob("p0000_s*.png"))) == 8 and (tmp_path / "samples" / "grid.png").is_file()
 
 
 def test_custom_reward_run(tiny_model_path, tmp_path, capsys, monkeypatch):
