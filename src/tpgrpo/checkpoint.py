@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 COMPLETE = "COMPLETE"
 CHECKSUMS = "checksums.json"
 FILES = ("lora.safetensors", "ema.safetensors", "optimizer.pt", "state.json")
+OLD = "old.safetensors"  # optional: DiffusionNFT's old-policy weights (payload key "old")
 STATE_KEYS = ("epoch", "optimizer_steps", "nonfinite_in_row")
 
 
@@ -73,7 +74,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, payload: dict) -> Path:
-    """payload: {"lora": {name: tensor}, "ema": {name: tensor}, "optimizer": state_dict, "state": json-able}."""
+    """payload: {"lora": {name: tensor}, "ema": {name: tensor}, "optimizer": state_dict, "state": json-able}, and
+    optionally "old": {name: tensor} (DiffusionNFT)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch_{epoch:06d}"
@@ -87,7 +89,11 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict) -> Path:
         save_file({k: v.contiguous() for k, v in payload["ema"].items()}, str(tmp / "ema.safetensors"))
         torch.save(payload["optimizer"], tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(payload["state"]))
-        (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in FILES}, indent=1))
+        files = FILES
+        if "old" in payload:
+            save_file({k: v.contiguous() for k, v in payload["old"].items()}, str(tmp / OLD))
+            files = FILES + (OLD,)
+        (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1))
         (tmp / COMPLETE).write_text("ok\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -175,7 +181,9 @@ def verify_checkpoint(path: Path) -> None:
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{sums_file}: not a valid checksum list") from None
-    for name in FILES:
+    if OLD in sums and not (path / OLD).is_file():
+        raise CheckpointError(f"{path / OLD}: missing from the checkpoint")
+    for name in FILES + ((OLD,) if OLD in sums else ()):
         if _sha256(path / name) != sums[name]:
             raise CheckpointError(f"{path / name}: checksum mismatch (the file is corrupt)")
 
@@ -195,7 +203,9 @@ def load_checkpoint(path: Path) -> dict:
     path = resolve_checkpoint(path)
     verify_checkpoint(path)
     out = {}
-    for key, name in (("lora", "lora.safetensors"), ("ema", "ema.safetensors")):
+    for key, name in (("lora", "lora.safetensors"), ("ema", "ema.safetensors"), ("old", OLD)):
+        if key == "old" and not (path / name).is_file():
+            continue
         try:
             out[key] = load_file(str(path / name))
         except (SafetensorError, OSError, ValueError) as e:

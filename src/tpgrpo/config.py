@@ -106,10 +106,6 @@ class SamplingConfig(_Section):
     def _window_fits(self):
         if self.window_start_max < self.window_start_min:
             raise ValueError("window_start_max: must be >= window_start_min")
-        if self.window_start_max + self.window_size > self.num_steps - 1:
-            raise ValueError(
-                f"window_size: a window of {self.window_size} starting at step {self.window_start_max} reaches the "
-                f"final step (num_steps={self.num_steps}); the final step is deterministic and never trained")
         if self.kernel == "cps" and self.noise_level > 1:
             raise ValueError(f"noise_level: the cps kernel's η must lie in (0, 1], got {self.noise_level}")
         return self
@@ -167,7 +163,8 @@ class TrainingConfig(_Section):
     train_batch_size: int = Field(16, ge=1, le=MAX_SAMPLES, description="trained rows (samples; TempFlow-GRPO: "
                                                                         "children) per optimizer step")
     max_batch: int = Field(256, ge=1, le=65536, description="most states per transformer call in rollouts and "
-                                                            "evaluation (CFG doubles the states)")
+                                                            "evaluation (CFG doubles the states); diffusion_nft: "
+                                                            "also in training (gradients accumulate)")
     inner_epochs: int = Field(1, ge=1, le=1000, description="passes of updates over each epoch's samples")
     lr: float = Field(3e-4, gt=0, le=10.0, description="AdamW learning rate")
     lr_schedule: Literal["constant", "linear"] = Field(
@@ -179,7 +176,7 @@ class TrainingConfig(_Section):
     clip_range: float = Field(1e-4, gt=0, le=1e3, description="PPO clip ε: the ratio ρ is clipped to [1 − ε, 1 + ε]")
     adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to ± this value")
     beta: float = Field(0.0, ge=0, description="β: weight of the KL to the reference policy (the base model; 0: no "
-                                               "KL term)")
+                                               "KL term; diffusion_nft: of mean((v_θ − v_ref)²))")
     kl_variance: Literal["transition", "noise_scale"] = Field(
         "transition", description="KL = mean((μ_θ − μ_ref)²) / (2·var): transition = the transition variance std² "
                                   "(the per-step Gaussian KL); noise_scale = the kernel's noise scale² without Δ "
@@ -251,6 +248,20 @@ class TempFlowConfig(_Section):
                                                              "window")
 
 
+class NFTConfig(_Section):
+    beta: float = Field(1.0, gt=0, le=1e3, description="β of the implicit policies v± (v⁺ = β·v_θ + (1 − β)·v_old); "
+                                                      "the reference's config.beta: 1, 0.1 for OCR and multi-reward")
+    decay_type: int = Field(
+        1, ge=0, le=2, description="old-policy update after each epoch, old ← d·old + (1 − d)·current with d after s optimizer "
+                       "steps: 0 = d 0 (old = current); 1 = min(0.001·s, 0.5); 2 = 0 for s < 75, then "
+                       "min(0.0075·(s − 75), 0.999)")
+    timestep_fraction: float = Field(0.99, gt=0, le=1, description="each sample trains int(num_steps · fraction) (at "
+                                                                   "least 1) noise levels, a random subset of the "
+                                                                   "sampling σ's")
+    global_std: bool = Field(True, description="advantages divide by the whole epoch's reward std (the reference's "
+                                               "default); false: the group's")
+
+
 class LoggingConfig(_Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers (accelerate): tensorboard writes "
@@ -262,9 +273,11 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo"] = Field(
+    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft"] = Field(
         "tpgrpo", description="method: tpgrpo = TP-GRPO (turning points); flow_grpo = Flow-GRPO; dance_grpo = "
-                              "DanceGRPO; tempflow_grpo = TempFlow-GRPO (branching, noise-aware weights)")
+                              "DanceGRPO; tempflow_grpo = TempFlow-GRPO (branching, noise-aware weights); "
+                              "diffusion_nft = DiffusionNFT (ODE rollouts, forward-process loss; no window, kernel or "
+                              "clip range)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="run seed: every random choice of epoch e (prompts, window, "
                                                         "noise, shuffling) derives from (seed, e)")
     run_dir: str = Field("runs/default", min_length=1, description="directory of the run: config.yaml, "
@@ -284,11 +297,17 @@ class Config(_Section):
                                                           "(algorithm dance_grpo)")
     tempflow: TempFlowConfig = Field(TempFlowConfig(), description="TempFlow-GRPO's branching (algorithm "
                                                                    "tempflow_grpo)")
+    nft: NFTConfig = Field(NFTConfig(), description="DiffusionNFT's implicit policies, old-policy decay and trained "
+                                                    "noise levels (algorithm diffusion_nft)")
     logging: LoggingConfig = Field(LoggingConfig(), description="experiment trackers (tensorboard, wandb)")
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        t = self.training
+        t, s = self.training, self.sampling
+        if self.algorithm != "diffusion_nft" and s.window_start_max + s.window_size > s.num_steps - 1:
+            raise ValueError(  # DiffusionNFT trains no window: its rollouts are ODE
+                f"sampling.window_size: a window of {s.window_size} starting at step {s.window_start_max} reaches the "
+                f"final step (num_steps={s.num_steps}); the final step is deterministic and never trained")
         rows = self.samples_per_epoch * (self.tempflow.children if self.algorithm == "tempflow_grpo" else 1)
         if rows % t.train_batch_size:
             what = "children" if self.algorithm == "tempflow_grpo" else "samples"

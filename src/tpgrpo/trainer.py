@@ -124,7 +124,11 @@ class Trainer:
         self.eval_sigmas = model_sigmas(self.model, s, s.eval_num_steps)
         self.method = build_method(cfg.algorithm, cfg)
         self.method.schedule = self.sigmas  # methods that need σ (TempFlow's noise-aware weights) use this one
-        self._warn_near_deterministic_steps()
+        self.forward_process = getattr(self.method, "forward_process", False)  # DiffusionNFT: no window, no log-probs
+        # DiffusionNFT's old policy: a second copy of the trained weights, moved only at the end of each epoch
+        self.old = EMA(self.trainable, 0.0) if self.forward_process else None
+        if not self.forward_process:
+            self._warn_near_deterministic_steps()
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self.uncond = self.embed([""]) if getattr(self.model, "uses_cfg", True) else None
         self.epoch = 0
@@ -259,6 +263,8 @@ class Trainer:
         group_prompts, window = self._epoch_plan(epoch)
         if self.cfg.algorithm == "tempflow_grpo" and self.cfg.tempflow.branch_steps is not None:
             window = list(self.cfg.tempflow.branch_steps)
+        if self.forward_process:
+            window = []  # pure ODE rollouts
         G = t.group_size
         prompts = [p for p in group_prompts for _ in range(G)]
         n = len(prompts)
@@ -277,7 +283,11 @@ class Trainer:
         n = len(prompts)
         lo, hi = dist.shard(n)  # this process's samples (all of them with one process)
         t0 = time.perf_counter()
-        parts = self.rollouts(prompts[lo:hi], window, noise[lo:hi], gens[lo:hi])
+        if self.forward_process:  # DiffusionNFT samples with the old policy (train_nft_sd3.py L640–658)
+            with self.old.swapped(self.trainable):
+                parts = self.rollouts(prompts[lo:hi], window, noise[lo:hi], gens[lo:hi])
+        else:
+            parts = self.rollouts(prompts[lo:hi], window, noise[lo:hi], gens[lo:hi])
         t_rollout = time.perf_counter() - t0
 
         def cat(name):
@@ -306,6 +316,9 @@ class Trainer:
             log_probs = cat("child_log_probs").transpose(1, 2).flatten(0, 1)
             row_prompts = [p for p in prompts[lo:hi] for _ in range(C)]
             row_offset = lo * C  # row n·C + c is child c of sample n
+        elif self.forward_process:  # the clean samples x0 as the single "state" of each row
+            states, row_prompts, row_offset = cat("final_latents")[:, None], prompts[lo:hi], lo
+            next_states, log_probs = states[:, :0], torch.zeros(len(states), 0)
         else:
             states, next_states, log_probs, row_prompts = (cat("window_latents"), cat("next_latents"),
                                                            cat("log_probs"), prompts[lo:hi])
@@ -318,8 +331,9 @@ class Trainer:
             **{f"{k}_mean": float(v.mean()) for k, v in main_scores.items()},
             "evaluations_per_sample": sum(dist.all_gather_object(sum(p.state_evaluations for p in parts))) / n,
             "time_rollout": t_rollout, "time_score": t_score, "time_credit": t_credit,
-            "window_start": window[0],
         }
+        if window:
+            info["window_start"] = window[0]
         if forks is not None:
             info["R0_mean"] = float(sum(w * forks[k][:, 0] for k, w in self.reward_weights.items()).mean())
         if "tp" in credit.stats:
@@ -498,6 +512,8 @@ class Trainer:
         of 1e-4–1e-5 can zero the gradients of clipped samples), and with ``training.recompute_old_logprobs`` the
         mismatch over every trained transition (``old_logprob_max_dev``, ``old_logprob_clipfrac``)."""
         t = self.cfg.training
+        if self.forward_process:
+            return self.optimise_forward(batch, epoch)
         kept = self._kept_rows(batch)
         lr = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
         for group in self.optimizer.param_groups:
@@ -550,28 +566,7 @@ class Trainer:
                     if dist.world_size() > 1:
                         shards.append(((inner, lo, w), len(sub), float(ratio.sum()), float(li["clipfrac"]) * len(sub),
                                        float(li["kl_loss"]) * len(sub)))
-                if dist.world_size() > 1:
-                    total = self._reduce_gradients(total, mb_terms)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
-                if not (math.isfinite(total) and torch.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.nonfinite_in_row += 1
-                    info["skipped_updates"] += 1
-                    if self.is_main:
-                        tqdm.write(f"epoch {epoch}: non-finite loss or gradient ({total}, {float(grad_norm)}); "
-                                   f"update skipped ({self.nonfinite_in_row} in a row)")
-                    if self.nonfinite_in_row >= t.max_nonfinite:
-                        raise TrainingAborted(f"{self.nonfinite_in_row} non-finite updates in a row "
-                                              f"(training.max_nonfinite={t.max_nonfinite}); stopping. Lower training.lr "
-                                              f"or check the reward.")
-                    continue
-                self.nonfinite_in_row = 0
-                self.optimizer.step()
-                self.optimizer_steps += 1
-                if self.optimizer_steps % t.ema_every == 0:
-                    self.ema.update(self.trainable)
-                info["loss"] += total
-                info["grad_norm"] += float(grad_norm)
+                self._update(total, mb_terms, info, epoch)
         self.model.transformer.eval()
         if dist.world_size() > 1:
             n_terms = self._reduce_term_metrics(info, shards, first_key)
@@ -588,6 +583,109 @@ class Trainer:
         for k in ("loss", "grad_norm"):
             info[k] /= n_updates
         for k in ("ratio_mean", "clipfrac", "kl"):
+            info[k] /= max(1, n_terms)
+        return info
+
+    def _update(self, total: float, terms: int, info: dict, epoch: int) -> None:
+        """The optimizer step of one micro-batch's accumulated gradients: summed over processes, clipped; skipped
+        (counted, and fatal after ``training.max_nonfinite`` in a row) when the loss or gradient is not finite."""
+        t = self.cfg.training
+        if dist.world_size() > 1:
+            total = self._reduce_gradients(total, terms)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+        if not (math.isfinite(total) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            info["skipped_updates"] += 1
+            if self.is_main:
+                tqdm.write(f"epoch {epoch}: non-finite loss or gradient ({total}, {float(grad_norm)}); "
+                           f"update skipped ({self.nonfinite_in_row} in a row)")
+            if self.nonfinite_in_row >= t.max_nonfinite:
+                raise TrainingAborted(f"{self.nonfinite_in_row} non-finite updates in a row "
+                                      f"(training.max_nonfinite={t.max_nonfinite}); stopping. Lower training.lr "
+                                      f"or check the reward.")
+            return
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.optimizer_steps += 1
+        if self.optimizer_steps % t.ema_every == 0:
+            self.ema.update(self.trainable)
+        info["loss"] += total
+        info["grad_norm"] += float(grad_norm)
+
+    def _forward_draws(self, batch: EpochBatch, epoch: int, inner: int):
+        """DiffusionNFT: noise levels t [m, K], noised states x_t [m, K, *latent] of this process's rows for one
+        inner epoch; each row's draws come from (seed, epoch, inner, global row index) alone."""
+        x0 = batch.states[:, 0]
+        draws = [self.method.draw(_seed_for(self.cfg.seed, epoch, 5, inner, batch.row_offset + j), self.sigmas,
+                                  tuple(x0.shape[1:])) for j in range(len(x0))]
+        t = torch.stack([d[0] for d in draws])
+        noise = torch.stack([d[1] for d in draws])
+        te = t.view(*t.shape, *([1] * (x0.ndim - 1)))
+        return t, (1 - te) * x0[:, None] + te * noise
+
+    def optimise_forward(self, batch: EpochBatch, epoch: int) -> dict:
+        """DiffusionNFT's epoch of updates (train_nft_sd3.py L806–1039): every row trains K noise levels; one optimizer
+        step per train micro-batch, the loss averaged over its K levels. The old policy's velocities are computed
+        first, with the old weights swapped in (they only move at the end of the epoch, as the reference's "old"
+        adapter), in the training pass's composition; then old ← d·old + (1 − d)·current. Model calls hold at most
+        ``training.max_batch`` rows; larger micro-batches accumulate gradients (the reference's accumulation)."""
+        from .methods.diffusion_nft import nft_loss, return_decay
+
+        t, m = self.cfg.training, self.method
+        lr = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        info = {"lr": lr, "loss": 0.0, "kl": 0.0, "policy_loss": 0.0, "old_deviate": 0.0, "skipped_updates": 0,
+                "grad_norm": 0.0}
+        rows = torch.arange(len(batch.advantages))
+        g = self.cfg.sampling.guidance_scale  # no CFG in training (uncond None); FLUX-dev: its guidance input
+        K = m.num_train
+        self.model.transformer.train()
+        draws = [self._forward_draws(batch, epoch, inner) for inner in range(t.inner_epochs)]
+        v_old = [torch.zeros_like(xt) for _, xt in draws]
+        def chunks(inner):  # (micro-batch rows, this process's rows in calls of at most training.max_batch)
+            for _, idx, _, mine in self._micro_batches(batch, rows, epoch, inner):
+                yield idx, [(mine[c:c + t.max_batch], mine[c:c + t.max_batch] - batch.row_offset)
+                            for c in range(0, len(mine), t.max_batch)]
+
+        with torch.no_grad(), self.old.swapped(self.trainable):
+            for inner, (ts, xt) in enumerate(draws):
+                for _, parts in chunks(inner):
+                    for _, local in parts:
+                        cond = self.embed([batch.prompts[j] for j in local])
+                        for k in range(K):
+                            v_old[inner][local, k] = self.model.velocity(xt[local, k], ts[local, k], cond, None, g)
+        n_terms = 0
+        for inner, (ts, xt) in enumerate(draws):
+            for idx, parts in chunks(inner):
+                self.optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for sub, local in parts:  # gradient accumulation: the loss is the mean over idx and the K levels
+                    cond = self.embed([batch.prompts[j] for j in local])
+                    for k in range(K):
+                        x, s = xt[local, k], ts[local, k]
+                        v = self.model.velocity(x, s, cond, None, g)
+                        v_ref = self.velocity_ref(x, s, cond, None, g) if t.beta > 0 else None
+                        loss, li = nft_loss(v, v_old[inner][local, k], batch.states[local, 0], x, s,
+                                            batch.advantages[sub, 0], beta=m.beta, adv_clip_max=t.adv_clip_max,
+                                            v_ref=v_ref, kl_weight=t.beta)
+                        loss = loss * (len(sub) / len(idx))  # the mean over the whole (global) micro-batch
+                        (loss / K).backward()
+                        total += float(loss.detach()) / K
+                        for key in ("policy_loss", "old_deviate", "kl"):
+                            info[key] += float(li.get(key, 0.0)) * len(sub)
+                        n_terms += len(sub)
+                self._update(total, len(parts), info, epoch)
+        self.model.transformer.eval()
+        with torch.no_grad():  # the old policy moves once per epoch (train_nft_sd3.py L1033–1039)
+            self.old.decay = return_decay(self.optimizer_steps, m.decay_type)
+            self.old.update(self.trainable)
+        info["old_decay"] = self.old.decay
+        n_updates = max(1, math.ceil(len(rows) / t.train_batch_size) * t.inner_epochs)
+        for k in ("loss", "grad_norm"):
+            info[k] /= n_updates
+        for k in ("policy_loss", "old_deviate", "kl"):
             info[k] /= max(1, n_terms)
         return info
 
@@ -652,7 +750,8 @@ class Trainer:
             path = save_checkpoint(self.run_dir, self.epoch, {
                 "lora": self.lora_state(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "state": {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps,
-                          "nonfinite_in_row": self.nonfinite_in_row}})
+                          "nonfinite_in_row": self.nonfinite_in_row},
+                **({"old": self.old.state_dict()} if self.old is not None else {})})
         dist.barrier()
         return path
 
@@ -687,8 +786,13 @@ class Trainer:
             if value.shape != params[name].shape:
                 raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, this run's has "
                                       f"{tuple(params[name].shape)} (another training.lora_rank?)")
+        if self.old is not None and "old" not in ck:
+            raise CheckpointError(f"{path}: has no DiffusionNFT old-policy weights (old.safetensors); it is not a "
+                                  f"diffusion_nft run's checkpoint")
         try:
             self.ema.load_state_dict(ck["ema"])
+            if self.old is not None:
+                self.old.load_state_dict(ck["old"])
             self.optimizer.load_state_dict(ck["optimizer"])
         except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as e:
             raise CheckpointError(f"{path}: EMA or optimizer state does not fit this run ({str(e)[:120]})") from None

@@ -3,12 +3,13 @@ per-step advantages; everything else (rollouts, loss, optimisation) is shared (D
 
 from .base import Credit, Method, ScoredRollout
 from .dance_grpo import DanceGRPO
+from .diffusion_nft import DiffusionNFT
 from .flow_grpo import FlowGRPO
 from .tempflow_grpo import TempFlowGRPO
 from .tp_grpo import TPGRPO
 
 METHODS: dict[str, type] = {"tpgrpo": TPGRPO, "flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO,
-                            "tempflow_grpo": TempFlowGRPO}
+                            "tempflow_grpo": TempFlowGRPO, "diffusion_nft": DiffusionNFT}
 
 
 def build_method(name: str, cfg) -> Method:
