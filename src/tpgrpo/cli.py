@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .io_checks import first_line
 
 EXIT_BAD_INPUT = 2
 
@@ -56,7 +57,7 @@ def cmd_train(args) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(first_line(e))
     try:
         summary = trainer.train()
     except (TrainingAborted, RuntimeError) as e:  # e.g. a reward server that went down mid-run
@@ -91,7 +92,7 @@ def cmd_eval(args) -> int:
         name = next(iter(cfg.reward.components()))
         reward = build_reward(name, **cfg.reward.options.get(name, {}))
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(first_line(e))
     if args.paired and not args.lora:
         _fail("--paired needs --lora (the checkpoint to compare with the base model)")
     if args.lora:
@@ -143,7 +144,7 @@ def cmd_sample(args) -> int:
                            n_per_prompt=args.n_per_prompt, seed=args.seed, out=args.out, steps=args.steps,
                            guidance=args.guidance, sampler=args.sampler, noise_level=args.noise_level)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(first_line(e))
     except OSError as e:  # writing the images failed (disk full, permissions)
         _fail(f"--out: {e}", 1)
     print(f"wrote {len(index['images'])} images, index.json, index.csv and grid.png to {args.out}")

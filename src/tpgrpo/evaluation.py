@@ -104,6 +104,33 @@ def _gather(mine: list[int], images: np.ndarray, scores: dict, n: int) -> tuple[
     return images, scores
 
 
+def save_image_grid(images, labels, path: Path, *, cols: int, box: int, cell_w: int = 0, text_h: int = 46,
+                    title: str = "") -> Path:
+    """A PNG grid: each image fitted into a ``box``-pixel square (nearest-neighbour when enlarged) in a cell at least
+    ``cell_w`` wide, its (multi-line) label below it, and an optional title line on top."""
+    cols = max(1, min(cols, len(images)))
+    cell_w = max(box, cell_w)
+    rows = (len(images) + cols - 1) // cols
+    top = 22 if title else 0
+    sheet = Image.new("RGB", (cols * cell_w, top + rows * (box + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((6, 4), title, fill="black")
+    for k, (img, label) in enumerate(zip(images, labels)):
+        r, c = divmod(k, cols)
+        x0, y0 = c * cell_w, top + r * (box + text_h)
+        h, w = img.shape[:2]
+        scale = box / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        thumb = Image.fromarray(img).resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
+        sheet.paste(thumb, (x0 + (cell_w - size[0]) // 2, y0 + (box - size[1]) // 2))
+        draw.multiline_text((x0 + 4, y0 + box + 2), label, fill="black", spacing=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
 def save_eval_grid(result: dict, path: Path, *, per_tag: int = 4, cols: int = 6, scale: int = 4,
                    title: str = "") -> Path:
     """A PNG grid: up to ``per_tag`` images of each tag, the prompt and its reward under each image."""
@@ -112,21 +139,6 @@ def save_eval_grid(result: dict, path: Path, *, per_tag: int = 4, cols: int = 6,
     for t in dict.fromkeys(tags):
         chosen += [i for i, x in enumerate(tags) if x == t][:per_tag]
     imgs = result["images"]
-    h, w = imgs.shape[1] * scale, imgs.shape[2] * scale
-    cell_w, text_h = max(w, 150), 46
-    rows = (len(chosen) + cols - 1) // cols
-    top = 22 if title else 0
-    sheet = Image.new("RGB", (cols * cell_w, top + rows * (h + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((6, 4), title, fill="black")
-    for k, i in enumerate(chosen):
-        r, c = divmod(k, cols)
-        x0, y0 = c * cell_w, top + r * (h + text_h)
-        sheet.paste(Image.fromarray(imgs[i]).resize((w, h), Image.NEAREST), (x0 + (cell_w - w) // 2, y0))
-        label = textwrap.fill(result["prompts"][i], 24) + f"\nreward {result['scores'][i]:.2f}"
-        draw.multiline_text((x0 + 4, y0 + h + 2), label, fill="black", spacing=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    labels = [textwrap.fill(result["prompts"][i], 24) + f"\nreward {result['scores'][i]:.2f}" for i in chosen]
+    return save_image_grid([imgs[i] for i in chosen], labels, path, cols=cols,
+                           box=max(imgs.shape[1], imgs.shape[2]) * scale, cell_w=150, title=title)

@@ -6,6 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message for a one-line error: its first line (or its type when it has none)."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _first_existing_parent(path: Path) -> Path:
     for parent in path.parents:
         if parent.exists():

@@ -16,9 +16,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .config import MAX_SEED, MAX_STEPS
+from .evaluation import save_image_grid
+from .io_checks import first_line
 from .models.base import PromptEmbeds, encode_each
 from .prompts import MAX_PROMPT_CHARS
 from .rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
@@ -159,29 +161,15 @@ def sample_images(model, cond: PromptEmbeds, n_per_prompt: int, seed: int, sigma
         yield part, model.decode(out.final_latents)
 
 
+def _grid_label(label: str) -> str:
+    lines = textwrap.wrap(label, 26)
+    return "\n".join(lines[:3]) + ("…" if len(lines) > 3 else "")
+
+
 def save_sample_grid(images: Sequence[np.ndarray], labels: Sequence[str], path: Path, *, cols: int = 8,
                      cell: int = 160) -> Path:
     """A PNG grid of ``images``, each fitted into a ``cell``-pixel square with its label (wrapped) below it."""
-    cols = max(1, min(cols, len(images)))
-    rows = (len(images) + cols - 1) // cols
-    text_h = 48
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (img, label) in enumerate(zip(images, labels)):
-        r, c = divmod(k, cols)
-        x0, y0 = c * cell, r * (cell + text_h)
-        h, w = img.shape[:2]
-        scale = cell / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        thumb = Image.fromarray(img).resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
-        sheet.paste(thumb, (x0 + (cell - size[0]) // 2, y0 + (cell - size[1]) // 2))
-        lines = textwrap.wrap(label, 26)
-        text = "\n".join(lines[:3]) + ("…" if len(lines) > 3 else "")
-        draw.multiline_text((x0 + 4, y0 + cell + 2), text, fill="black", spacing=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    return save_image_grid(images, [_grid_label(t) for t in labels], path, cols=cols, box=cell, text_h=48)
 
 
 def run_sample(cfg, *, prompts_file: str | None = None, prompt_texts: Sequence[str] | None = None,
@@ -210,7 +198,7 @@ def run_sample(cfg, *, prompts_file: str | None = None, prompt_texts: Sequence[s
     try:
         model = load_model(cfg.model)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise ValueError(first_line(e)) from None
     if kind == "exported":
         load_exported_lora(model, weights)
     elif kind == "transformer":

@@ -350,7 +350,7 @@ class Trainer:
         extra = latents.shape[1:latents.ndim - len(self.model.latent_shape())]
         reps = int(np.prod(extra)) if extra else 1
         mb = self.cfg.training.sample_batch_size
-        chunks: dict[str, list[np.ndarray]] = {}
+        chunks: dict[tuple[str, str], list[np.ndarray]] = {}
         for lo in range(0, len(prompts), mb):
             images = self.model.decode(latents[lo:lo + mb].flatten(0, len(extra)))
             flat_prompts = [p for p in prompts[lo:lo + mb] for _ in range(reps)]
@@ -364,10 +364,9 @@ class Trainer:
                     if len(v) != len(images):
                         raise TrainingAborted(f"reward {name!r}: score {k!r} has {len(v)} values for {len(images)} "
                                               f"images")
-                    chunks.setdefault(f"{name}\0{k}", []).append(v)
+                    chunks.setdefault((name, k), []).append(v)
         out, every = {}, {}
-        for key, parts in chunks.items():
-            name, k = key.split("\0")
+        for (name, k), parts in chunks.items():
             v = np.concatenate(parts)
             if not np.all(np.isfinite(v)):
                 raise TrainingAborted(f"reward {k!r} returned non-finite scores")

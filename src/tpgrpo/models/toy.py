@@ -172,7 +172,9 @@ class ShapesModel(nn.Module):
             model = cls(config, **kw)
             missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
         except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            from ..io_checks import first_line
+
+            first = first_line(e)
             raise ValueError(f"{path}: not a shapes model safetensors file ({first})") from None
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
