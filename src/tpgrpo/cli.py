@@ -157,7 +157,8 @@ def cmd_pretrain(args) -> int:
     try:
         cfg = PretrainConfig(out=args.out, export=args.export, steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr, warmup=args.warmup, seed=args.seed, threads=args.threads,
-                             caption_noise=args.caption_noise, init=args.init)
+                             caption_noise=args.caption_noise, init=args.init, space=args.space,
+                             ae_steps=args.ae_steps, width=args.width, layers=args.layers)
     except ValueError as e:
         return _fail(f"pretrain-shapes: {e}")
     pretrain(cfg)
@@ -308,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-noise", type=float, default=0.0,
                    help="probability that a caption describes a neighbouring prompt's scene (one slot changed)")
     p.add_argument("--init", default=None, help="start from these safetensors weights (a fine-tuning stage)")
+    p.add_argument("--space", default="latent", choices=("latent", "pixel"),
+                   help="latent: autoencoder, then a flow model on its 4x8x8 latents (default); pixel: on 3x32x32 pixels")
+    p.add_argument("--ae-steps", type=int, default=3000, help="autoencoder training steps (latent space)")
+    p.add_argument("--width", type=int, default=128, help="flow transformer width (a multiple of 32)")
+    p.add_argument("--layers", type=int, default=6, help="flow transformer depth")
     p.set_defaults(fn=cmd_pretrain)
     return ap
 

@@ -262,6 +262,19 @@ class NFTConfig(_Section):
                                                "default); false: the group's")
 
 
+class DistributedConfig(_Section):
+    strategy: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto", description="engine with several processes (torchrun / accelerate launch): ddp = accelerate's "
+                            "DistributedDataParallel, every process holds the model; fsdp2 = PyTorch FSDP2, "
+                            "parameters, gradients and optimizer state sharded over processes (for full fine-tuning); "
+                            "auto = ddp. One process ignores it")
+    cpu_offload: bool = Field(False, description="fsdp2: keep the sharded parameters, gradients and optimizer state "
+                                                 "in CPU memory (slower; for models that do not fit otherwise)")
+    param_dtype: Literal["bf16", "fp16"] | None = Field(
+        None, description="fsdp2: compute dtype of the gathered parameters (gradients are reduced in fp32; None: "
+                          "the parameters' own dtype)")
+
+
 class LoggingConfig(_Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers (accelerate): tensorboard writes "
@@ -299,6 +312,8 @@ class Config(_Section):
                                                                    "tempflow_grpo)")
     nft: NFTConfig = Field(NFTConfig(), description="DiffusionNFT's implicit policies, old-policy decay and trained "
                                                     "noise levels (algorithm diffusion_nft)")
+    distributed: DistributedConfig = Field(DistributedConfig(), description="the distributed engine of a "
+                                                                            "multi-process run (DDP or FSDP2)")
     logging: LoggingConfig = Field(LoggingConfig(), description="experiment trackers (tensorboard, wandb)")
 
     @model_validator(mode="after")

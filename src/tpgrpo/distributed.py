@@ -79,29 +79,26 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
-def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` over all processes in place (one flat buffer per dtype, so one collective per dtype)."""
+def reduce_metrics(values: dict[str, float], maxima: tuple[str, ...] = ()) -> dict[str, float]:
+    """Logged metrics over processes: the sum of each value, the maximum of those named in ``maxima`` (one
+    collective each; training gradients are synchronised by the engine, never here)."""
     if not active():
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group]).to(_comm_device(group[0]))
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-        lo = 0
-        for t in group:
-            t.copy_(flat[lo:lo + t.numel()].view_as(t))
-            lo += t.numel()
+        return dict(values)
+    keys = sorted(values)
+    summed = [k for k in keys if k not in maxima]
+    out = {}
+    for names, op in ((summed, tdist.ReduceOp.SUM), ([k for k in keys if k in maxima], tdist.ReduceOp.MAX)):
+        if names:
+            t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64)
+            t = t.to(_comm_device(t))
+            tdist.all_reduce(t, op=op)
+            out.update(zip(names, t.cpu().tolist()))
+    return out
 
 
 def any_true(flag: bool) -> bool:
     """True on every process if it is true on any (e.g. a stop signal that reached only some processes)."""
-    if not active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    all_reduce_sum_([t])
-    return bool(t.item() > 0)
+    return reduce_metrics({"flag": 1.0 if flag else 0.0}, maxima=("flag",))["flag"] > 0
 
 
 def shard(n: int) -> tuple[int, int]:

@@ -7,8 +7,8 @@ derives from (seed, e), so a resumed run needs only weights, optimizer, EMA and 
 Data parallelism (DESIGN §8, docs/scaling.md): with P processes, process r rolls out and scores the contiguous block
 [r·N/P, (r+1)·N/P) of the epoch's N samples (same seeds as one process would use), rewards are all-gathered, credit is
 computed on the full epoch identically everywhere, and each process trains the rows it owns of every global
-micro-batch; gradients are summed over processes before the (identical) optimizer step. With one process every hook
-is the identity.
+micro-batch. The distributed engine (:mod:`tpgrpo.engine`: DDP through accelerate, or FSDP2) synchronises the
+gradients; every process makes the same sequence of training calls. With one process every hook is the identity.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .checkpoint import (CheckpointError, clean_stale_temporaries, complete_chec
                          load_checkpoint, resolve_checkpoint, save_checkpoint, sync_latest)
 from .config import Config, dump_config
 from .ema import EMA
+from .engine import Engine
 from .evaluation import evaluate, save_eval_grid
 from .export import add_lora, make_reference, prepare_full_finetune
 from .loss import grpo_step_loss
@@ -109,8 +111,14 @@ class Trainer:
         else:
             self._add_lora()
             self.velocity_ref = make_reference(self.model)  # LoRA: the base model is the adapters switched off
+        d = cfg.distributed
+        self.engine = Engine(d.strategy, cpu_offload=d.cpu_offload, param_dtype=d.param_dtype)
+        self.engine.shard(self.model.transformer)
+        if getattr(self.velocity_ref, "transformer", None) is not None:  # full fine-tuning's frozen copy
+            self.engine.shard(self.velocity_ref.transformer, gather=False)
         self.trainable = [p for p in self.model.transformer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+        self.optimizer = self.engine.prepare(self.model.transformer, torch.optim.AdamW(
+            self.trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay))
         self.ema = EMA(self.trainable, cfg.training.ema_decay)
         self.reward_weights = cfg.reward.components()
         self.reward_fns = {name: build_reward(name, **cfg.reward.options.get(name, {})) for name in self.reward_weights}
@@ -416,18 +424,22 @@ class Trainer:
         """The epoch's trajectories, one sampling micro-batch (``sample_batch_size``) at a time."""
         plan = self.rollout_plan(window, completion)
         mb = self.cfg.training.sample_batch_size
-        return [sample_rollout(self.model, plan, self.embed(prompts[lo:lo + mb]), self.uncond_for(len(prompts[lo:lo + mb])),
-                               noise[lo:lo + mb], gens[lo:lo + mb]) for lo in range(0, len(prompts), mb)]
+        with self.engine.gathered():
+            return [sample_rollout(self.model, plan, self.embed(prompts[lo:lo + mb]),
+                                   self.uncond_for(len(prompts[lo:lo + mb])), noise[lo:lo + mb], gens[lo:lo + mb])
+                    for lo in range(0, len(prompts), mb)]
 
     def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds,
-                    *, with_kl: bool = True):
-        """log-prob under the current policy (with grad) and the KL to the reference for window step w."""
+                    *, with_kl: bool = True, trained: bool = True):
+        """log-prob under the current policy (with grad) and the KL to the reference for window step w. ``trained``:
+        a term of the training pass (with DDP its forward goes through the DDP module)."""
         s, t = self.cfg.sampling, self.cfg.training
         i = batch.window[w]
         x = batch.states[idx, w]
         x_next = batch.next_states[idx, w]
         sig, sig_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        v = self.model.velocity(x, sig, cond, uncond, s.guidance_scale)
+        with self.engine.policy(self.model) if trained else nullcontext():
+            v = self.model.velocity(x, sig, cond, uncond, s.guidance_scale)
         mean, std = transition(s.kernel, x, v, sig, sig_next, s.noise_level)
         logp = log_prob(x_next, mean, std, s.logprob)
         kl = None
@@ -449,6 +461,19 @@ class Trainer:
             idx = order[lo:lo + self.cfg.training.train_batch_size]
             pos = torch.nonzero((idx >= own_lo) & (idx < own_hi)).flatten()
             yield lo, idx, pos, idx[pos]
+
+    def _lockstep_terms(self, batch: EpochBatch, idx: torch.Tensor, mine: torch.Tensor):
+        """The terms of a micro-batch that *every* process runs, in order: ``(w, rows, weight)`` for each window step w
+        active for some row of the global micro-batch ``idx`` (``rows`` index ``mine``). A process with no active
+        rows of its own at such a step gets one of its rows with weight 0 (zero loss, zero gradient), so that all
+        processes make the same calls (FSDP2 gathers weights in each forward, DDP synchronises in the last
+        backward). With one process this is exactly ``_active_steps``."""
+        own = dict(self._active_steps(batch, mine))
+        for w, _ in self._active_steps(batch, idx):
+            if w in own:
+                yield w, own[w], 1.0
+            else:  # a placeholder call on this process's first row (its rows are [row_offset, row_offset + m))
+                yield w, None, 0.0
 
     def _active_steps(self, batch: EpochBatch, mine: torch.Tensor):
         """``(w, rows)`` for each window step w of a micro-batch with trained rows (``rows`` index ``mine``). With β = 0
@@ -484,15 +509,17 @@ class Trainer:
         rollout = batch.log_probs.clone()
         seen = torch.zeros(batch.log_probs.shape, dtype=torch.bool)
         self.model.transformer.train()
-        for _, _, _, mine in self._micro_batches(batch, kept, epoch, 0):
-            cond = self.embed([batch.prompts[j - batch.row_offset] for j in mine]) if len(mine) else None
-            uncond = self.uncond_for(len(mine))
-            for w, rows in self._active_steps(batch, mine):
-                local = mine[rows] - batch.row_offset
-                logp, _ = self._step_terms(batch, local, w, cond.index(rows),
-                                           None if uncond is None else uncond.index(rows), with_kl=False)
-                batch.log_probs[local, w] = logp.detach().to(batch.log_probs.dtype)
-                seen[local, w] = True
+        with self.engine.gathered():
+            for _, _, _, mine in self._micro_batches(batch, kept, epoch, 0):
+                cond = self.embed([batch.prompts[j - batch.row_offset] for j in mine]) if len(mine) else None
+                uncond = self.uncond_for(len(mine))
+                for w, rows in self._active_steps(batch, mine):
+                    local = mine[rows] - batch.row_offset
+                    logp, _ = self._step_terms(batch, local, w, cond.index(rows),
+                                               None if uncond is None else uncond.index(rows), with_kl=False,
+                                               trained=False)
+                    batch.log_probs[local, w] = logp.detach().to(batch.log_probs.dtype)
+                    seen[local, w] = True
         self.model.transformer.eval()
         dev = (torch.exp(batch.log_probs[seen] - rollout[seen]) - 1).abs()
         return {"n": int(seen.sum()), "max_dev": float(dev.max()) if len(dev) else 0.0,
@@ -521,12 +548,12 @@ class Trainer:
                 "clipfrac": 0.0, "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0,
                 "skipped_updates": 0, "grad_norm": 0.0}
         mismatch = self.recompute_old_log_probs(batch, kept, epoch) if t.recompute_old_logprobs else None
-        first_update = [0, 0, 0.0]  # this process's rows of the first update: count, beyond the clip range, max |ρ − 1|
+        # sums over this process's trained transitions, reduced over processes at the end (metrics only)
+        m = {"n": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "first_n": 0.0, "first_clipped": 0.0,
+             "ratio_first": 0.0, "max_dev": 0.0, "first_max_dev": 0.0}
         term_weights = self.loss_term_weights
         W = len(batch.window)
-        n_terms = 0
-        first_key = None  # (inner epoch, micro-batch, window step, position) of the term that set ratio_first
-        shards = []  # several processes: this process's share of each (inner, micro-batch, step) term
+        first_done = False  # the ratio of the epoch's first trained transition (global order) is logged
         self.model.transformer.train()
         for inner in range(t.inner_epochs):
             for lo, idx, pos, mine in self._micro_batches(batch, kept, epoch, inner):
@@ -534,65 +561,68 @@ class Trainer:
                 uncond = self.uncond_for(len(mine))
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
-                mb_terms = 0
-                for w, rows in self._active_steps(batch, mine):
-                    sub = mine[rows]
+                terms = list(self._lockstep_terms(batch, idx, mine))
+                if not first_done:  # the global micro-batch's first trained row (at its first active step)
+                    first_row = next((int(idx[r[0]]) for _, r in self._active_steps(batch, idx)), None)
+                for k, (w, rows, weight) in enumerate(terms):
+                    if rows is None:  # placeholder: this process's first row, weight 0
+                        sub = torch.tensor([batch.row_offset])
+                        c, u = self.embed([batch.prompts[0]]), self.uncond_for(1)
+                    else:
+                        sub = mine[rows]
+                        c, u = cond.index(rows), None if uncond is None else uncond.index(rows)
                     local = sub - batch.row_offset
-                    logp, kl = self._step_terms(batch, local, w, cond.index(rows),
-                                                None if uncond is None else uncond.index(rows))
-                    weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
-                    loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w], t.clip_range,
-                                              kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max, weights=weights,
-                                              term_weights=term_weights)
-                    loss = loss * (len(sub) / len(idx))  # the mean over the whole (global) micro-batch
-                    (loss / W).backward()
+                    with self.engine.accumulate(sync=k == len(terms) - 1):
+                        logp, kl = self._step_terms(batch, local, w, c, u)
+                        weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
+                        loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w],
+                                                  t.clip_range, kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max,
+                                                  weights=weights, term_weights=term_weights)
+                        loss = loss * (weight * len(sub) / len(idx))  # this process's share of the micro-batch mean
+                        (loss * (self.engine.loss_scale / W)).backward()
+                    if rows is None:
+                        continue
                     total += float(loss.detach()) / W
-                    ratio = li["ratio"]
+                    ratio = li["ratio"].detach()
                     dev = (ratio - 1).abs()
-                    if math.isnan(info["ratio_first"]):
-                        first_key = (inner, lo, w, int(pos[rows[0]]))
-                        info["ratio_first"] = float(ratio[0])
+                    if not first_done and k == 0 and int(sub[0]) == first_row:
+                        m["ratio_first"] = float(ratio[0])  # the owner of the first row reports it
+                    m["n"] += len(sub)
+                    m["ratio"] += float(ratio.sum())
+                    m["clipped"] += float(li["clipfrac"]) * len(sub)
+                    m["kl"] += float(li["kl_loss"]) * len(sub)
+                    m["max_dev"] = max(m["max_dev"], float(dev.max()))
                     if inner == 0 and lo == 0:
-                        first_update[0] += len(sub)
-                        first_update[1] += int((dev > t.clip_range).sum())
-                        first_update[2] = max(first_update[2], float(dev.max()))
-                    info["ratio_mean"] += float(ratio.mean())
-                    info["ratio_max_dev"] = max(info["ratio_max_dev"], float(dev.max()))
-                    info["clipfrac"] += float(li["clipfrac"])
-                    info["kl"] += float(li["kl_loss"])
-                    n_terms += 1
-                    mb_terms += 1
-                    if dist.world_size() > 1:
-                        shards.append(((inner, lo, w), len(sub), float(ratio.sum()), float(li["clipfrac"]) * len(sub),
-                                       float(li["kl_loss"]) * len(sub)))
-                self._update(total, mb_terms, info, epoch)
+                        m["first_n"] += len(sub)
+                        m["first_clipped"] += float((dev > t.clip_range).sum())
+                        m["first_max_dev"] = max(m["first_max_dev"], float(dev.max()))
+                first_done = True
+                self._update(total, info, epoch)
         self.model.transformer.eval()
-        if dist.world_size() > 1:
-            n_terms = self._reduce_term_metrics(info, shards, first_key)
-            first_update = _reduce_counts(first_update)
-            if mismatch is not None:
-                mismatch = dict(zip(("n", "clipped", "max_dev"),
-                                    _reduce_counts([mismatch["n"], mismatch["clipped"], mismatch["max_dev"]])))
-        info["first_update_ratio_max_dev"] = first_update[2]
-        info["first_update_clipfrac"] = first_update[1] / max(1, first_update[0])
         if mismatch is not None:
-            info["old_logprob_max_dev"] = mismatch["max_dev"]
-            info["old_logprob_clipfrac"] = mismatch["clipped"] / max(1, mismatch["n"])
+            m.update(old_n=float(mismatch["n"]), old_clipped=float(mismatch["clipped"]), old_max_dev=mismatch["max_dev"])
+        m["loss"], m["grad_norm"] = info["loss"], info["grad_norm"]
+        m = dist.reduce_metrics(m, maxima=("max_dev", "first_max_dev", "old_max_dev", "grad_norm"))
+        n = max(1.0, m["n"])
+        info.update(ratio_first=m["ratio_first"] if m["n"] else float("nan"), ratio_mean=m["ratio"] / n,
+                    clipfrac=m["clipped"] / n, kl=m["kl"] / n, ratio_max_dev=m["max_dev"],
+                    first_update_ratio_max_dev=m["first_max_dev"],
+                    first_update_clipfrac=m["first_clipped"] / max(1.0, m["first_n"]))
+        if mismatch is not None:
+            info["old_logprob_max_dev"] = m["old_max_dev"]
+            info["old_logprob_clipfrac"] = m["old_clipped"] / max(1.0, m["old_n"])
         n_updates = max(1, math.ceil(len(kept) / t.train_batch_size) * t.inner_epochs)
-        for k in ("loss", "grad_norm"):
-            info[k] /= n_updates
-        for k in ("ratio_mean", "clipfrac", "kl"):
-            info[k] /= max(1, n_terms)
+        info["loss"] = m["loss"] / n_updates
+        info["grad_norm"] = m["grad_norm"] / n_updates
         return info
 
-    def _update(self, total: float, terms: int, info: dict, epoch: int) -> None:
-        """The optimizer step of one micro-batch's accumulated gradients: summed over processes, clipped; skipped
-        (counted, and fatal after ``training.max_nonfinite`` in a row) when the loss or gradient is not finite."""
+    def _update(self, total: float, info: dict, epoch: int) -> None:
+        """The optimizer step of one micro-batch's gradients (already synchronised by the engine), clipped; skipped
+        (counted, and fatal after ``training.max_nonfinite`` in a row) when the loss or gradient is not finite on any
+        process. ``total``: this process's share of the micro-batch loss."""
         t = self.cfg.training
-        if dist.world_size() > 1:
-            total = self._reduce_gradients(total, terms)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
-        if not (math.isfinite(total) and torch.isfinite(grad_norm)):
+        grad_norm = self.engine.clip_grad_norm_(self.trainable, t.max_grad_norm)
+        if dist.any_true(not (math.isfinite(total) and bool(torch.isfinite(grad_norm)))):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
             info["skipped_updates"] += 1
@@ -643,15 +673,25 @@ class Trainer:
         self.model.transformer.train()
         draws = [self._forward_draws(batch, epoch, inner) for inner in range(t.inner_epochs)]
         v_old = [torch.zeros_like(xt) for _, xt in draws]
-        def chunks(inner):  # (micro-batch rows, this process's rows in calls of at most training.max_batch)
-            for _, idx, _, mine in self._micro_batches(batch, rows, epoch, inner):
-                yield idx, [(mine[c:c + t.max_batch], mine[c:c + t.max_batch] - batch.row_offset)
-                            for c in range(0, len(mine), t.max_batch)]
+        P, own = dist.world_size(), len(batch.prompts)
 
-        with torch.no_grad(), self.old.swapped(self.trainable):
+        def chunks(inner):
+            """(micro-batch rows, [(rows, local rows, weight)]): this process's rows in calls of at most
+            ``training.max_batch``, padded with zero-weighted one-row calls to the most calls any process makes."""
+            for _, idx, _, mine in self._micro_batches(batch, rows, epoch, inner):
+                calls = max(math.ceil(int(((idx >= q * own) & (idx < (q + 1) * own)).sum()) / t.max_batch)
+                            for q in range(P))
+                parts = [(mine[c:c + t.max_batch], mine[c:c + t.max_batch] - batch.row_offset, 1.0)
+                         for c in range(0, len(mine), t.max_batch)]
+                parts += [(torch.tensor([batch.row_offset]), torch.tensor([0]), 0.0)] * (calls - len(parts))
+                yield idx, parts
+
+        with torch.no_grad(), self.old.swapped(self.trainable), self.engine.gathered():
             for inner, (ts, xt) in enumerate(draws):
                 for _, parts in chunks(inner):
-                    for _, local in parts:
+                    for _, local, weight in parts:
+                        if not weight:
+                            continue
                         cond = self.embed([batch.prompts[j] for j in local])
                         for k in range(K):
                             v_old[inner][local, k] = self.model.velocity(xt[local, k], ts[local, k], cond, None, g)
@@ -660,70 +700,44 @@ class Trainer:
             for idx, parts in chunks(inner):
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
-                for sub, local in parts:  # gradient accumulation: the loss is the mean over idx and the K levels
+                for p_i, (sub, local, weight) in enumerate(parts):  # gradient accumulation: mean over idx, K levels
                     cond = self.embed([batch.prompts[j] for j in local])
                     for k in range(K):
                         x, s = xt[local, k], ts[local, k]
-                        v = self.model.velocity(x, s, cond, None, g)
-                        v_ref = self.velocity_ref(x, s, cond, None, g) if t.beta > 0 else None
-                        loss, li = nft_loss(v, v_old[inner][local, k], batch.states[local, 0], x, s,
-                                            batch.advantages[sub, 0], beta=m.beta, adv_clip_max=t.adv_clip_max,
-                                            v_ref=v_ref, kl_weight=t.beta)
-                        loss = loss * (len(sub) / len(idx))  # the mean over the whole (global) micro-batch
-                        (loss / K).backward()
+                        with self.engine.accumulate(sync=p_i == len(parts) - 1 and k == K - 1):
+                            with self.engine.policy(self.model):
+                                v = self.model.velocity(x, s, cond, None, g)
+                            v_ref = self.velocity_ref(x, s, cond, None, g) if t.beta > 0 else None
+                            loss, li = nft_loss(v, v_old[inner][local, k], batch.states[local, 0], x, s,
+                                                batch.advantages[sub, 0], beta=m.beta, adv_clip_max=t.adv_clip_max,
+                                                v_ref=v_ref, kl_weight=t.beta)
+                            loss = loss * (weight * len(sub) / len(idx))  # this process's share of the mean
+                            (loss * (self.engine.loss_scale / K)).backward()
+                        if not weight:
+                            continue
                         total += float(loss.detach()) / K
                         for key in ("policy_loss", "old_deviate", "kl"):
                             info[key] += float(li.get(key, 0.0)) * len(sub)
                         n_terms += len(sub)
-                self._update(total, len(parts), info, epoch)
+                self._update(total, info, epoch)
         self.model.transformer.eval()
         with torch.no_grad():  # the old policy moves once per epoch (train_nft_sd3.py L1033–1039)
             self.old.decay = return_decay(self.optimizer_steps, m.decay_type)
             self.old.update(self.trainable)
         info["old_decay"] = self.old.decay
+        sums = dist.reduce_metrics({k: info[k] for k in ("loss", "grad_norm", "policy_loss", "old_deviate", "kl")}
+                                   | {"n": float(n_terms)}, maxima=("grad_norm",))
         n_updates = max(1, math.ceil(len(rows) / t.train_batch_size) * t.inner_epochs)
         for k in ("loss", "grad_norm"):
-            info[k] /= n_updates
+            info[k] = sums[k] / n_updates
         for k in ("policy_loss", "old_deviate", "kl"):
-            info[k] /= max(1, n_terms)
+            info[k] = sums[k] / max(1.0, sums["n"])
         return info
-
-    def _reduce_gradients(self, total: float, terms: int) -> float:
-        """Sum the micro-batch's gradients and loss over processes (every process then holds the same values).
-        A process without rows contributes zeros; if no process had a term, gradients stay None as with one process."""
-        for p in self.trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sums = torch.tensor([total, float(terms)], dtype=torch.float64)
-        dist.all_reduce_sum_([p.grad for p in self.trainable] + [sums])
-        if sums[1] == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-        return float(sums[0])
-
-    @staticmethod
-    def _reduce_term_metrics(info: dict, shards: list, first_key) -> int:
-        """Per-term metrics over processes: each (inner, micro-batch, step) term's row means are rebuilt from every
-        process's share, as one process would have computed them; the maximum deviation; the ratio of the globally
-        first term. Returns the number of terms."""
-        parts = dist.all_gather_object((shards, info["ratio_max_dev"], first_key, info["ratio_first"]))
-        terms: dict[tuple, list[float]] = {}
-        for shard, *_ in parts:
-            for key, *values in shard:
-                acc = terms.setdefault(key, [0.0] * 4)
-                for i, v in enumerate(values):
-                    acc[i] += v
-        info["ratio_mean"] = sum(r / n for n, r, _, _ in terms.values())
-        info["clipfrac"] = sum(c / n for n, _, c, _ in terms.values())
-        info["kl"] = sum(k / n for n, _, _, k in terms.values())
-        info["ratio_max_dev"] = max(p[1] for p in parts)
-        firsts = [p for p in parts if p[2] is not None]
-        info["ratio_first"] = min(firsts, key=lambda p: p[2])[3] if firsts else float("nan")
-        return len(terms)
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------------------
     def evaluate(self, epoch: int, *, grid: bool = True) -> dict:
         cfg = self.cfg
-        with self.ema.swapped(self.trainable):
+        with self.ema.swapped(self.trainable), self.engine.gathered():
             res = evaluate(self.model, self.eval_source, self.reward_fn, self.eval_sigmas,
                            guidance_scale=cfg.sampling.guidance_scale, per_tag=cfg.data.eval_per_tag,
                            seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed,
@@ -881,8 +895,3 @@ def read_metrics_records(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` ([] when there is none; a line cut by a crash is dropped)."""
     return read_metrics(path) if Path(path).is_file() else []
 
-
-def _reduce_counts(values: list) -> list:
-    """[count, count, maximum] of every process → [sum, sum, max]."""
-    parts = dist.all_gather_object(values)
-    return [sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts)]

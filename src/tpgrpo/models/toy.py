@@ -1,5 +1,9 @@
-"""The built-in shapes model: pixel-space flow matching with a tiny diffusers ``SD3Transformer2DModel`` and a small
-word-level text encoder over the shapes grammar's vocabulary (DESIGN §6)."""
+"""The built-in shapes model: flow matching with a tiny diffusers ``SD3Transformer2DModel`` and a small word-level
+text encoder over the shapes grammar's vocabulary (DESIGN §6).
+
+Two data spaces (``config["space"]``): ``latent`` (the default world since issue #15) runs the transformer on the
+4×8×8 latents of :class:`~tpgrpo.models.shapes_autoencoder.ShapesAutoencoder`, whose decoder is part of the model and
+of its safetensors file, as the VAE is part of SD3; ``pixel`` runs it on the 3×32×32 image itself."""
 
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ from torch import nn
 
 from ..shapes.grammar import vocabulary
 from .base import PromptEmbeds, apply_cfg, sigma_batch
+from .shapes_autoencoder import ShapesAutoencoder
 
 SD3_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 DEFAULT_CONFIG = {
+    "space": "pixel",
     "image_size": 32,
     "patch_size": 4,
     "num_layers": 6,
@@ -29,6 +35,8 @@ DEFAULT_CONFIG = {
     "text_layers": 2,
     "max_words": 8,
 }
+# The latent world (issue #15): 8×8×4 latents, patch 2 → 16 image tokens (the pixel model has 64).
+LATENT_CONFIG = {"space": "latent", "image_size": 8, "patch_size": 2, "autoencoder": None}
 PAD, BOS = 0, 1
 
 
@@ -79,7 +87,7 @@ class ShapesTextEncoder(nn.Module):
 
 
 class ShapesModel(nn.Module):
-    """Text encoder + tiny SD3 transformer in pixel space ([-1, 1], 3×32×32)."""
+    """Text encoder + tiny SD3 transformer, in pixel space ([-1, 1], 3×32×32) or on autoencoder latents."""
 
     lora_target_modules = SD3_ATTENTION_PROJECTIONS
 
@@ -87,11 +95,18 @@ class ShapesModel(nn.Module):
         super().__init__()
         self.config = {**DEFAULT_CONFIG, **(config or {})}
         c = self.config
+        if c["space"] not in ("pixel", "latent"):
+            raise ValueError(f"shapes model config: space must be 'pixel' or 'latent', got {c['space']!r}")
+        self.autoencoder = ShapesAutoencoder(c.get("autoencoder")).eval() if c["space"] == "latent" else None
+        if self.autoencoder is not None:
+            self.autoencoder.requires_grad_(False)
+            c["autoencoder"] = self.autoencoder.config
+        channels = self.autoencoder.config["latent_channels"] if self.autoencoder is not None else 3
         self.tokenizer = ShapesTokenizer(vocabulary(), c["max_words"])
         self.text_encoder = ShapesTextEncoder(self.tokenizer.vocab_size, c["width"], c["text_layers"], c["heads"],
                                               c["max_words"] + 1)
         self.transformer = SD3Transformer2DModel(
-            sample_size=c["image_size"], patch_size=c["patch_size"], in_channels=3, out_channels=3,
+            sample_size=c["image_size"], patch_size=c["patch_size"], in_channels=channels, out_channels=channels,
             num_layers=c["num_layers"], attention_head_dim=c["width"] // c["heads"], num_attention_heads=c["heads"],
             joint_attention_dim=c["width"], caption_projection_dim=c["width"], pooled_projection_dim=c["width"],
             pos_embed_max_size=c["image_size"] // c["patch_size"],
@@ -101,7 +116,14 @@ class ShapesModel(nn.Module):
     # --- protocol ---------------------------------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, ...]:
         s = self.config["image_size"]
-        return (3, s, s)
+        return (self.autoencoder.config["latent_channels"] if self.autoencoder is not None else 3, s, s)
+
+    def train(self, mode: bool = True) -> "ShapesModel":
+        """The autoencoder is frozen and always in eval mode (its latent normalisation uses running statistics)."""
+        super().train(mode)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -137,15 +159,27 @@ class ShapesModel(nn.Module):
         v = self.raw_velocity(torch.cat([x, x]), torch.cat([s, s]), PromptEmbeds.cat([uncond, cond]))
         return apply_cfg(v[:n], v[n:], guidance_scale)
 
-    @staticmethod
-    def decode(x: torch.Tensor) -> np.ndarray:
-        img = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """uint8 RGB images from final states (through the autoencoder's decoder in the latent space)."""
+        x = x.detach().float()
+        if self.autoencoder is not None:
+            with torch.no_grad():
+                x = self.autoencoder.decode(x.to(self.device))
+        img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
     @staticmethod
-    def encode_images(images: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1] (the data space of the built-in model)."""
+    def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1]."""
         return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] → the model's data space (pixels in [-1, 1], or normalised autoencoder latents)."""
+        x = self.images_to_tensor(images).to(self.device)
+        if self.autoencoder is None:
+            return x
+        with torch.no_grad():
+            return self.autoencoder.encode(x)
 
     # --- weights ----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
