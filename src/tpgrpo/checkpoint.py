@@ -1,7 +1,13 @@
 """Atomic, checksummed checkpoints (DESIGN §10): written into a temporary directory with a SHA-256 of every file,
 fsynced, then renamed into place, so a crash mid-write never damages the last good checkpoint and a file damaged
 later is caught on load. Weights are safetensors; the optimizer state is loaded with ``torch.load(weights_only=True)``;
-nothing is unpickled."""
+nothing is unpickled.
+
+A sharded run (``distributed.strategy: fsdp2``) writes a *sharded* checkpoint instead: every process writes its shards
+of the trained weights, their EMA and the optimizer state with ``torch.distributed.checkpoint`` into ``shards/`` (a
+shared filesystem across nodes), and the main process adds ``state.json``, the checksums and ``COMPLETE`` and
+renames the directory into place. :func:`load_checkpoint` consolidates one into full tensors in a single process
+(``tpgrpo consolidate``, ``export-lora`` and ``sample`` use it); a sharded run resumes from its shards."""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ COMPLETE = "COMPLETE"
 CHECKSUMS = "checksums.json"
 FILES = ("lora.safetensors", "ema.safetensors", "optimizer.pt", "state.json")
 OLD = "old.safetensors"  # optional: DiffusionNFT's old-policy weights (payload key "old")
+SHARDS = "shards"  # a sharded checkpoint's torch.distributed.checkpoint directory
+SHARDED_FILES = ("state.json", f"{SHARDS}/.metadata")
 STATE_KEYS = ("epoch", "optimizer_steps", "nonfinite_in_row")
 
 
@@ -93,27 +101,73 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict) -> Path:
         if "old" in payload:
             save_file({k: v.contiguous() for k, v in payload["old"].items()}, str(tmp / OLD))
             files = FILES + (OLD,)
-        (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1))
-        (tmp / COMPLETE).write_text("ok\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same epoch: move the old one aside first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        _commit(tmp, final, files)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint is intact") from None
+    return final
+
+
+def _commit(tmp: Path, final: Path, files) -> None:
+    """Checksums of ``files``, ``COMPLETE``, fsync, the atomic rename of ``tmp`` to ``final``, ``latest``."""
+    root = final.parent
+    (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1))
+    (tmp / COMPLETE).write_text("ok\n")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same epoch: move the old one aside first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
     latest_tmp = root / f".latest-{os.getpid()}"
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, root / "latest")
+
+
+def save_sharded_checkpoint(run_dir: Path, epoch: int, sharded: dict, state: dict) -> Path:
+    """Collective (every process calls it): ``sharded`` = {"lora": {name: DTensor}, "ema": {...}, "optimizer": the
+    optimizer's sharded state dict, optionally "old"} written by every process into ``shards/``; ``state`` (JSON) by
+    the main process, which then checksums every file and renames the directory into place."""
+    import torch.distributed as tdist
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"epoch_{epoch:06d}"
+    main = tdist.get_rank() == 0
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(root)
+    holder = [str(root / f".tmp-{final.name}-{os.getpid()}")]
+    tdist.broadcast_object_list(holder, src=0)  # every process writes into the main process's temporary directory
+    tmp = Path(holder[0])
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tdist.barrier()
+    dcp.save(sharded, checkpoint_id=str(tmp / SHARDS))
+    tdist.barrier()
+    if main:
+        try:
+            (tmp / "state.json").write_text(json.dumps(state))
+            files = ["state.json"] + sorted(str(f.relative_to(tmp)) for f in (tmp / SHARDS).rglob("*") if f.is_file())
+            _commit(tmp, final, files)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint is "
+                          f"intact") from None
+    tdist.barrier()
     return final
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / SHARDS).is_dir()
 
 
 def is_complete(path: Path) -> bool:
@@ -171,19 +225,22 @@ def verify_checkpoint(path: Path) -> None:
     """Raise :class:`CheckpointError` naming the file when a file is missing or its SHA-256 differs from the one
     recorded at save time."""
     path = Path(path)
-    for name in FILES + (CHECKSUMS,):
+    required = SHARDED_FILES if is_sharded(path) else FILES
+    for name in required + (CHECKSUMS,):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing from the checkpoint")
     sums_file = path / CHECKSUMS
     try:
         sums = json.loads(sums_file.read_text())
-        if not isinstance(sums, dict) or not all(isinstance(sums.get(n), str) for n in FILES):
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(n), str) for n in required):
+            raise ValueError
+        if not all(isinstance(n, str) and isinstance(v, str) and ".." not in Path(n).parts for n, v in sums.items()):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{sums_file}: not a valid checksum list") from None
-    if OLD in sums and not (path / OLD).is_file():
-        raise CheckpointError(f"{path / OLD}: missing from the checkpoint")
-    for name in FILES + ((OLD,) if OLD in sums else ()):
+    for name in sums:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing from the checkpoint")
         if _sha256(path / name) != sums[name]:
             raise CheckpointError(f"{path / name}: checksum mismatch (the file is corrupt)")
 
@@ -202,6 +259,10 @@ def load_checkpoint(path: Path) -> dict:
     """Verify and load a checkpoint; any problem is a :class:`CheckpointError` naming the file."""
     path = resolve_checkpoint(path)
     verify_checkpoint(path)
+    if is_sharded(path):
+        out = consolidate_shards(path)
+        out["state"] = read_state(path)
+        return out
     out = {}
     for key, name in (("lora", "lora.safetensors"), ("ema", "ema.safetensors"), ("old", OLD)):
         if key == "old" and not (path / name).is_file():
@@ -218,9 +279,50 @@ def load_checkpoint(path: Path) -> dict:
                               f"({type(e).__name__})") from None
     if not isinstance(out["optimizer"], dict):
         raise CheckpointError(f"{path / 'optimizer.pt'}: not an optimizer state dict")
+    out["state"] = read_state(path)
+    return out
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's validated ``state.json``."""
     try:
         state = json.loads((path / "state.json").read_text())
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{path / 'state.json'}: not valid JSON") from None
-    out["state"] = _check_state(state, path / "state.json")
+    return _check_state(state, path / "state.json")
+
+
+def consolidate_shards(path: Path) -> dict:
+    """A sharded checkpoint's full tensors, in one process: {"lora": {name: tensor}, "ema": {...}[, "old": {...}]}
+    (the optimizer state is left out: it only serves a sharded resume)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dcp_to_torch_save(str(Path(path) / SHARDS), str(Path(tmp) / "full.pt"))
+            full = torch.load(Path(tmp) / "full.pt", weights_only=True)
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError, KeyError) as e:
+            raise CheckpointError(f"{Path(path) / SHARDS}: not a readable sharded checkpoint "
+                                  f"({type(e).__name__})") from None
+    if not isinstance(full, dict) or not isinstance(full.get("lora"), dict) or not isinstance(full.get("ema"), dict):
+        raise CheckpointError(f"{Path(path) / SHARDS}: holds no trained weights and EMA")
+    return {k: {n: t.contiguous() for n, t in full[k].items()} for k in ("lora", "ema", "old") if k in full}
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
+    """Write a checkpoint's trained weights (their EMA by default) as one safetensors file of full tensors named as
+    the transformer's parameters: for a full fine-tuning run, ``transformer.load_state_dict(load_file(out))``."""
+    path = resolve_checkpoint(path)
+    ck = load_checkpoint(path)
+    names = list(ck["lora"])
+    if use_ema:
+        weights = {n: ck["ema"][f"shadow.{i}"] for i, n in enumerate(names)}
+    else:
+        weights = ck["lora"]
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp), metadata={"checkpoint": str(path)})
+    os.replace(tmp, out)
     return out

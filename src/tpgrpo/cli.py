@@ -151,6 +151,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from .checkpoint import CheckpointError, consolidate_checkpoint
+    from .io_checks import output_file
+
+    try:
+        output_file("--out", args.out, (".safetensors",))
+        out = consolidate_checkpoint(args.checkpoint, args.out, use_ema=not args.raw)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return _fail(f"consolidate: {e}")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from .shapes.pretrain import PretrainConfig, pretrain
 
@@ -297,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_reward_parser(sub)
     add_export_lora_parser(sub)
+
+    p = sub.add_parser("consolidate", help="write a checkpoint's trained weights (sharded or not) as one safetensors "
+                                           "file of full tensors")
+    p.add_argument("checkpoint", help="checkpoint directory, run directory or checkpoints/latest")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--raw", action="store_true", help="the raw trained weights instead of their EMA")
+    p.set_defaults(fn=cmd_consolidate)
 
     p = sub.add_parser("pretrain-shapes", help="pretrain the built-in shapes base model (resumable)")
     p.add_argument("--out", default="pretrain")

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from . import distributed as dist
 from . import tracking
 from .advantages import nonzero_advantage_mask
-from .checkpoint import (CheckpointError, clean_stale_temporaries, complete_checkpoints, find_latest_checkpoint,
-                         load_checkpoint, resolve_checkpoint, save_checkpoint, sync_latest)
+from .checkpoint import (SHARDS, CheckpointError, clean_stale_temporaries, complete_checkpoints,
+                         find_latest_checkpoint, is_sharded, load_checkpoint, read_state, resolve_checkpoint,
+                         save_checkpoint, save_sharded_checkpoint, sync_latest, verify_checkpoint)
 from .config import Config, dump_config
 from .ema import EMA
 from .engine import Engine
@@ -759,14 +760,50 @@ class Trainer:
     def checkpoint(self) -> Path:
         """Written by the main process only (every process holds the same state); the others wait for it."""
         path = self.run_dir / "checkpoints" / f"epoch_{self.epoch:06d}"
+        state = {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "nonfinite_in_row": self.nonfinite_in_row}
+        if self.engine.strategy == "fsdp2":  # every process writes its shards
+            return save_sharded_checkpoint(self.run_dir, self.epoch, self._sharded_state(), state)
         if self.is_main:
             path = save_checkpoint(self.run_dir, self.epoch, {
                 "lora": self.lora_state(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "state": {"epoch": self.epoch, "optimizer_steps": self.optimizer_steps,
-                          "nonfinite_in_row": self.nonfinite_in_row},
-                **({"old": self.old.state_dict()} if self.old is not None else {})})
+                "state": state, **({"old": self.old.state_dict()} if self.old is not None else {})})
         dist.barrier()
         return path
+
+    def engine_bytes(self) -> dict:
+        """Bytes this process holds of the trained parameters, their gradients and the optimizer state (a sharded
+        tensor counts its local shard): the figures of docs/scaling.md's memory table."""
+        from .engine import local_bytes
+
+        state = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.ndim]
+        return {"params": local_bytes(self.trainable), "grads": local_bytes(p.grad for p in self.trainable),
+                "optimizer": local_bytes(state)}
+
+    def _sharded_state(self) -> dict:
+        """FSDP2: the trained weights, EMA, optimizer state (and DiffusionNFT's old weights) as this process's shards;
+        ``torch.distributed.checkpoint`` saves them, and loads into them in place."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"lora": {n: p.detach() for n, p in self.model.transformer.named_parameters() if p.requires_grad},
+                "ema": self.ema.state_dict(), "optimizer": get_optimizer_state_dict(self.model.transformer, self.optimizer),
+                **({"old": self.old.state_dict()} if self.old is not None else {})}
+
+    def _restore_sharded(self, path: Path) -> dict:
+        """Load a sharded checkpoint into this FSDP2 run's shards (any number of processes); returns its state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if self.engine.strategy != "fsdp2":
+            raise CheckpointError(f"{path}: a sharded (FSDP2) checkpoint resumes only under distributed.strategy=fsdp2 "
+                                  f"(`tpgrpo consolidate` turns it into one file of weights)")
+        verify_checkpoint(path)
+        target = self._sharded_state()
+        try:
+            dcp.load(target, checkpoint_id=str(path / SHARDS))
+            set_optimizer_state_dict(self.model.transformer, self.optimizer, target["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / SHARDS}: does not fit this run ({str(e).splitlines()[0][:120]})") from None
+        return read_state(path)
 
     def _resume(self, resume) -> None:
         """``--resume``: the newest complete checkpoint, falling back (and saying so) to an older one when it is
@@ -789,6 +826,11 @@ class Trainer:
                           file=sys.stderr)
 
     def _restore(self, path: Path) -> None:
+        if is_sharded(path) or self.engine.strategy == "fsdp2":
+            if not is_sharded(path):
+                raise CheckpointError(f"{path}: an FSDP2 run resumes from a sharded checkpoint; this one is not")
+            self._set_state(path, self._restore_sharded(path))
+            return
         ck = load_checkpoint(path)
         params = dict(self.model.transformer.named_parameters())
         trained = {n for n, p in params.items() if p.requires_grad}
@@ -812,7 +854,9 @@ class Trainer:
         with torch.no_grad():
             for name, value in ck["lora"].items():
                 params[name].copy_(value)
-        st = ck["state"]
+        self._set_state(path, ck["state"])
+
+    def _set_state(self, path: Path, st: dict) -> None:
         self.epoch, self.optimizer_steps, self.nonfinite_in_row = st["epoch"], st["optimizer_steps"], st["nonfinite_in_row"]
         if self.epoch > self.cfg.training.epochs:
             raise CheckpointError(f"{path}: epoch {self.epoch} is beyond training.epochs={self.cfg.training.epochs}")
@@ -853,6 +897,7 @@ class Trainer:
                 batch, info = self.collect(epoch)
                 t1 = time.perf_counter()
                 info.update(self.optimise(batch, epoch))
+                info["engine_bytes"] = self.engine_bytes()
                 info["time_train"] = time.perf_counter() - t1
                 info["time_epoch"] = time.perf_counter() - t0
                 if self.model.device.type == "cuda":  # the epoch's peak (the counter is reset after logging)
