@@ -112,3 +112,17 @@ def test_ddp_full_finetune_matches_one_process(tiny_model_path, tmp_path):
     got, want = (load_checkpoint(r / "checkpoints" / "epoch_000002") for r in (run, single))
     _close(got["lora"], want["lora"])
     assert _records(run)[1]["engine_bytes"] == _records(single)[1]["engine_bytes"]  # DDP replicates
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{"training.beta": "0.01"},                     # the KL reference, sharded too
+                                   {"algorithm": "diffusion_nft"},                # old-policy weights, sharded
+                                   {"model.full_finetune": "false", "training.lora_rank": "2"}],  # LoRA on FSDP2
+                         ids=["kl_reference", "diffusion_nft", "lora"])
+def test_fsdp2_matches_one_process(tiny_model_path, tmp_path, extra):
+    run, single = tmp_path / "fsdp2", tmp_path / "single"
+    _torchrun(CLI + tiny_overrides(tiny_model_path, run, **{**FULL, **extra, "distributed.strategy": "fsdp2"}))
+    Trainer(load_config(None, tiny_overrides(tiny_model_path, single, **{**FULL, **extra})), log_trackers=False).train()
+    got, want = (load_checkpoint(r / "checkpoints" / "epoch_000002") for r in (run, single))
+    _close(got["lora"], want["lora"])
+    _close(got["ema"], want["ema"])

@@ -283,6 +283,18 @@ def load_checkpoint(path: Path) -> dict:
     return out
 
 
+def check_trained_tensors(path: Path, tensors: dict, params: dict) -> None:
+    """A checkpoint's trained tensors must be exactly this run's trainable parameters, with their shapes."""
+    trained = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != trained:
+        raise CheckpointError(f"{path}: its {len(tensors)} trained tensors are not this run's {len(trained)} "
+                              f"(another model, training.lora_rank, lora_target_modules or full_finetune?)")
+    for name, value in tensors.items():
+        if value.shape != params[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, this run's has "
+                                  f"{tuple(params[name].shape)} (another training.lora_rank?)")
+
+
 def read_state(path: Path) -> dict:
     """A checkpoint's validated ``state.json``."""
     try:

@@ -9,7 +9,7 @@ before distributed training existed.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist

@@ -33,6 +33,25 @@ from torch import nn
 from . import distributed as dist
 
 
+def launcher_strategy(env=None) -> str:
+    """``distributed.strategy: auto``: FSDP2 when ``accelerate launch`` ran with an FSDP config (its environment:
+    ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION`` 2; CPU offload from ``FSDP_OFFLOAD_PARAMS`` is read by the trainer
+    from the config, not here), else DDP with several processes. DeepSpeed and FSDP version 1 are refused rather than
+    silently replaced by replication."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError("distributed: DeepSpeed launches are not supported; use an FSDP2 config "
+                         "(configs/accelerate/fsdp2.yaml) or distributed.strategy=fsdp2")
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ValueError("distributed: the accelerate config asks for FSDP version 1; tpgrpo shards with FSDP2 "
+                             "(set fsdp_version: 2, as configs/accelerate/fsdp2.yaml does)")
+        return "fsdp2"
+    return "ddp" if dist.world_size() > 1 else "single"
+
+
 def _blocks(transformer: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (diffusers: ``transformer_blocks`` and FLUX's ``single_transformer_blocks``)."""
     out: list[nn.Module] = []
@@ -46,7 +65,7 @@ class Engine:
 
     def __init__(self, strategy: str = "auto", *, cpu_offload: bool = False, param_dtype: str | None = None):
         if strategy == "auto":
-            strategy = "ddp" if dist.world_size() > 1 else "single"
+            strategy = launcher_strategy()
         if strategy != "single" and dist.world_size() == 1:
             strategy = "single"  # one process: nothing to shard or synchronise
         self.strategy = strategy
@@ -146,6 +165,40 @@ class Engine:
                 m.set_reshard_after_forward(True)
 
 
+    # --- sharded checkpoints -------------------------------------------------------------------------------------
+    @staticmethod
+    def sharded_state(transformer: nn.Module, optimizer, **extra) -> dict:
+        """FSDP2: this process's shards of the trained weights (``lora``), the optimizer state and ``extra`` state
+        dicts of sharded tensors (EMA, DiffusionNFT's old weights); ``torch.distributed.checkpoint`` saves them, and
+        loads into them in place."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"lora": {n: p.detach() for n, p in transformer.named_parameters() if p.requires_grad},
+                "optimizer": get_optimizer_state_dict(transformer, optimizer), **extra}
+
+    def restore_sharded(self, path, transformer: nn.Module, optimizer, target: dict) -> dict:
+        """Load the sharded checkpoint ``path`` into ``target`` (:meth:`sharded_state`) in place, with any number
+        of processes; returns its state. Only an FSDP2 run resumes from a sharded checkpoint and vice versa; any
+        mismatch is a :class:`~tpgrpo.checkpoint.CheckpointError`."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        from .checkpoint import SHARDS, CheckpointError, is_sharded, read_state, verify_checkpoint
+
+        if self.strategy != "fsdp2":
+            raise CheckpointError(f"{path}: a sharded (FSDP2) checkpoint resumes only under distributed.strategy=fsdp2 "
+                                  f"(`tpgrpo consolidate` makes it one file of weights)")
+        if not is_sharded(path):
+            raise CheckpointError(f"{path}: an FSDP2 run resumes from a sharded checkpoint; this one is not")
+        verify_checkpoint(path)
+        try:
+            dcp.load(target, checkpoint_id=str(path / SHARDS))
+            set_optimizer_state_dict(transformer, optimizer, target["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / SHARDS}: does not fit this run ({str(e).splitlines()[0][:120]})") from None
+        return read_state(path)
+
+
 @contextmanager
 def _swapped(model, transformer):
     original = model.transformer
@@ -167,6 +220,8 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered to a full tensor (a collective: every process must call it); other tensors as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def bytes_held(params: list[torch.Tensor], optimizer) -> dict[str, int]:
+    """Bytes this process holds of the trained parameters, their gradients and the optimizer state (the figures of
+    docs/scaling.md's memory table)."""
+    state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.ndim]
+    return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params), "optimizer": local_bytes(state)}

@@ -32,12 +32,12 @@ from tqdm import tqdm
 from . import distributed as dist
 from . import tracking
 from .advantages import nonzero_advantage_mask
-from .checkpoint import (SHARDS, CheckpointError, clean_stale_temporaries, complete_checkpoints,
-                         find_latest_checkpoint, is_sharded, load_checkpoint, read_state, resolve_checkpoint,
-                         save_checkpoint, save_sharded_checkpoint, sync_latest, verify_checkpoint)
+from .checkpoint import (CheckpointError, check_trained_tensors, clean_stale_temporaries, complete_checkpoints,
+                         find_latest_checkpoint, is_sharded, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                         save_sharded_checkpoint, sync_latest)
 from .config import Config, dump_config
 from .ema import EMA
-from .engine import Engine
+from .engine import Engine, bytes_held
 from .evaluation import evaluate, save_eval_grid
 from .export import add_lora, make_reference, prepare_full_finetune
 from .loss import grpo_step_loss
@@ -464,17 +464,12 @@ class Trainer:
             yield lo, idx, pos, idx[pos]
 
     def _lockstep_terms(self, batch: EpochBatch, idx: torch.Tensor, mine: torch.Tensor):
-        """The terms of a micro-batch that *every* process runs, in order: ``(w, rows, weight)`` for each window step w
-        active for some row of the global micro-batch ``idx`` (``rows`` index ``mine``). A process with no active
-        rows of its own at such a step gets one of its rows with weight 0 (zero loss, zero gradient), so that all
-        processes make the same calls (FSDP2 gathers weights in each forward, DDP synchronises in the last
-        backward). With one process this is exactly ``_active_steps``."""
+        """The terms of a micro-batch that *every* process runs, in order: ``(w, rows)`` for each window step w active
+        for some row of the global micro-batch ``idx`` (``rows`` index ``mine``; None: this process has no active row
+        there and runs a zero-weighted placeholder), so that all processes make the same calls (FSDP2 gathers
+        weights in each forward, DDP synchronises in the last backward). One process: exactly ``_active_steps``."""
         own = dict(self._active_steps(batch, mine))
-        for w, _ in self._active_steps(batch, idx):
-            if w in own:
-                yield w, own[w], 1.0
-            else:  # a placeholder call on this process's first row (its rows are [row_offset, row_offset + m))
-                yield w, None, 0.0
+        return [(w, own.get(w)) for w, _ in self._active_steps(batch, idx)]
 
     def _active_steps(self, batch: EpochBatch, mine: torch.Tensor):
         """``(w, rows)`` for each window step w of a micro-batch with trained rows (``rows`` index ``mine``). With β = 0
@@ -531,8 +526,8 @@ class Trainer:
         accumulated over the window steps. Samples with all-zero advantages are dropped.
 
         The kept rows, their shuffled order and the train micro-batches are global (the same on every process); each
-        process computes the loss of the rows it owns, normalised by the global micro-batch size, and the gradients
-        are summed over processes before clipping and the step.
+        process computes the loss of the rows it owns, normalised by the global micro-batch size, in the same
+        sequence of calls (``_lockstep_terms``); the engine synchronises the gradients in the last backward.
 
         Logged besides the loss: the first update's ``max |ρ − 1|`` and clip fraction (``first_update_ratio_max_dev``,
         ``first_update_clipfrac``; on-policy, so any deviation is a rollout/training mismatch, which with clip ranges
@@ -545,16 +540,12 @@ class Trainer:
         lr = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        info = {"lr": lr, "dropped_samples": len(batch.advantages) - len(kept), "loss": 0.0, "kl": 0.0,
-                "clipfrac": 0.0, "ratio_first": float("nan"), "ratio_mean": 0.0, "ratio_max_dev": 0.0,
-                "skipped_updates": 0, "grad_norm": 0.0}
-        mismatch = self.recompute_old_log_probs(batch, kept, epoch) if t.recompute_old_logprobs else None
+        info = {"lr": lr, "dropped_samples": len(batch.advantages) - len(kept), "loss": 0.0, "skipped_updates": 0,
+                "grad_norm": 0.0}
+        mismatch = self.recompute_old_log_probs(batch, kept, epoch) if t.recompute_old_logprobs else {}
         # sums over this process's trained transitions, reduced over processes at the end (metrics only)
-        m = {"n": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "first_n": 0.0, "first_clipped": 0.0,
-             "ratio_first": 0.0, "max_dev": 0.0, "first_max_dev": 0.0}
-        term_weights = self.loss_term_weights
+        m = dict.fromkeys(("n", "ratio", "clipped", "kl", "first_n", "first_clipped", "max_dev", "first_max_dev"), 0.0)
         W = len(batch.window)
-        first_done = False  # the ratio of the epoch's first trained transition (global order) is logged
         self.model.transformer.train()
         for inner in range(t.inner_epochs):
             for lo, idx, pos, mine in self._micro_batches(batch, kept, epoch, inner):
@@ -562,10 +553,9 @@ class Trainer:
                 uncond = self.uncond_for(len(mine))
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
-                terms = list(self._lockstep_terms(batch, idx, mine))
-                if not first_done:  # the global micro-batch's first trained row (at its first active step)
-                    first_row = next((int(idx[r[0]]) for _, r in self._active_steps(batch, idx)), None)
-                for k, (w, rows, weight) in enumerate(terms):
+                terms = self._lockstep_terms(batch, idx, mine)
+                for k, (w, rows) in enumerate(terms):
+                    weight = float(rows is not None)
                     if rows is None:  # placeholder: this process's first row, weight 0
                         sub = torch.tensor([batch.row_offset])
                         c, u = self.embed([batch.prompts[0]]), self.uncond_for(1)
@@ -578,7 +568,7 @@ class Trainer:
                         weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
                         loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w],
                                                   t.clip_range, kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max,
-                                                  weights=weights, term_weights=term_weights)
+                                                  weights=weights, term_weights=self.loss_term_weights)
                         loss = loss * (weight * len(sub) / len(idx))  # this process's share of the micro-batch mean
                         (loss * (self.engine.loss_scale / W)).backward()
                     if rows is None:
@@ -586,8 +576,6 @@ class Trainer:
                     total += float(loss.detach()) / W
                     ratio = li["ratio"].detach()
                     dev = (ratio - 1).abs()
-                    if not first_done and k == 0 and int(sub[0]) == first_row:
-                        m["ratio_first"] = float(ratio[0])  # the owner of the first row reports it
                     m["n"] += len(sub)
                     m["ratio"] += float(ratio.sum())
                     m["clipped"] += float(li["clipfrac"]) * len(sub)
@@ -597,19 +585,15 @@ class Trainer:
                         m["first_n"] += len(sub)
                         m["first_clipped"] += float((dev > t.clip_range).sum())
                         m["first_max_dev"] = max(m["first_max_dev"], float(dev.max()))
-                first_done = True
                 self._update(total, info, epoch)
         self.model.transformer.eval()
-        if mismatch is not None:
-            m.update(old_n=float(mismatch["n"]), old_clipped=float(mismatch["clipped"]), old_max_dev=mismatch["max_dev"])
-        m["loss"], m["grad_norm"] = info["loss"], info["grad_norm"]
+        m.update({f"old_{k}": float(v) for k, v in mismatch.items()}, loss=info["loss"], grad_norm=info["grad_norm"])
         m = dist.reduce_metrics(m, maxima=("max_dev", "first_max_dev", "old_max_dev", "grad_norm"))
         n = max(1.0, m["n"])
-        info.update(ratio_first=m["ratio_first"] if m["n"] else float("nan"), ratio_mean=m["ratio"] / n,
-                    clipfrac=m["clipped"] / n, kl=m["kl"] / n, ratio_max_dev=m["max_dev"],
+        info.update(ratio_mean=m["ratio"] / n, clipfrac=m["clipped"] / n, kl=m["kl"] / n, ratio_max_dev=m["max_dev"],
                     first_update_ratio_max_dev=m["first_max_dev"],
                     first_update_clipfrac=m["first_clipped"] / max(1.0, m["first_n"]))
-        if mismatch is not None:
+        if mismatch:
             info["old_logprob_max_dev"] = m["old_max_dev"]
             info["old_logprob_clipfrac"] = m["old_clipped"] / max(1.0, m["old_n"])
         n_updates = max(1, math.ceil(len(kept) / t.train_batch_size) * t.inner_epochs)
@@ -770,40 +754,9 @@ class Trainer:
         dist.barrier()
         return path
 
-    def engine_bytes(self) -> dict:
-        """Bytes this process holds of the trained parameters, their gradients and the optimizer state (a sharded
-        tensor counts its local shard): the figures of docs/scaling.md's memory table."""
-        from .engine import local_bytes
-
-        state = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.ndim]
-        return {"params": local_bytes(self.trainable), "grads": local_bytes(p.grad for p in self.trainable),
-                "optimizer": local_bytes(state)}
-
     def _sharded_state(self) -> dict:
-        """FSDP2: the trained weights, EMA, optimizer state (and DiffusionNFT's old weights) as this process's shards;
-        ``torch.distributed.checkpoint`` saves them, and loads into them in place."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return {"lora": {n: p.detach() for n, p in self.model.transformer.named_parameters() if p.requires_grad},
-                "ema": self.ema.state_dict(), "optimizer": get_optimizer_state_dict(self.model.transformer, self.optimizer),
-                **({"old": self.old.state_dict()} if self.old is not None else {})}
-
-    def _restore_sharded(self, path: Path) -> dict:
-        """Load a sharded checkpoint into this FSDP2 run's shards (any number of processes); returns its state."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        if self.engine.strategy != "fsdp2":
-            raise CheckpointError(f"{path}: a sharded (FSDP2) checkpoint resumes only under distributed.strategy=fsdp2 "
-                                  f"(`tpgrpo consolidate` turns it into one file of weights)")
-        verify_checkpoint(path)
-        target = self._sharded_state()
-        try:
-            dcp.load(target, checkpoint_id=str(path / SHARDS))
-            set_optimizer_state_dict(self.model.transformer, self.optimizer, target["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path / SHARDS}: does not fit this run ({str(e).splitlines()[0][:120]})") from None
-        return read_state(path)
+        return self.engine.sharded_state(self.model.transformer, self.optimizer, ema=self.ema.state_dict(),
+                                         **({"old": self.old.state_dict()} if self.old is not None else {}))
 
     def _resume(self, resume) -> None:
         """``--resume``: the newest complete checkpoint, falling back (and saying so) to an older one when it is
@@ -827,20 +780,12 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         if is_sharded(path) or self.engine.strategy == "fsdp2":
-            if not is_sharded(path):
-                raise CheckpointError(f"{path}: an FSDP2 run resumes from a sharded checkpoint; this one is not")
-            self._set_state(path, self._restore_sharded(path))
+            self._set_state(path, self.engine.restore_sharded(path, self.model.transformer, self.optimizer,
+                                                              self._sharded_state()))
             return
         ck = load_checkpoint(path)
         params = dict(self.model.transformer.named_parameters())
-        trained = {n for n, p in params.items() if p.requires_grad}
-        if set(ck["lora"]) != trained:
-            raise CheckpointError(f"{path}: its {len(ck['lora'])} trained tensors are not this run's {len(trained)} "
-                                  f"(another model, training.lora_rank, lora_target_modules or full_finetune?)")
-        for name, value in ck["lora"].items():
-            if value.shape != params[name].shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, this run's has "
-                                      f"{tuple(params[name].shape)} (another training.lora_rank?)")
+        check_trained_tensors(path, ck["lora"], params)
         if self.old is not None and "old" not in ck:
             raise CheckpointError(f"{path}: has no DiffusionNFT old-policy weights (old.safetensors); it is not a "
                                   f"diffusion_nft run's checkpoint")
@@ -897,7 +842,7 @@ class Trainer:
                 batch, info = self.collect(epoch)
                 t1 = time.perf_counter()
                 info.update(self.optimise(batch, epoch))
-                info["engine_bytes"] = self.engine_bytes()
+                info["engine_bytes"] = bytes_held(self.trainable, self.optimizer)
                 info["time_train"] = time.perf_counter() - t1
                 info["time_epoch"] = time.perf_counter() - t0
                 if self.model.device.type == "cuda":  # the epoch's peak (the counter is reset after logging)
