@@ -258,3 +258,22 @@ def test_boolean_where_a_number_belongs_is_rejected(override):
     with pytest.raises(ConfigError, match=rf"^config error: {re.escape(override.split('=')[0])}: expected a number"):
         load_config("configs/default.yaml", [override])
     assert load_config("configs/default.yaml", ["tpgrpo.balance=false"]).tpgrpo.balance is False
+
+
+def test_tag_weights_draw_training_tags_in_proportion():
+    import random
+    from collections import Counter
+
+    from tpgrpo.prompts import load_prompt_source
+    from tpgrpo.shapes.grammar import parse_prompt
+
+    src = load_prompt_source("shapes:train", "data.train_prompts")
+    drawn = src.sample(random.Random(0), 6000, {"position": 3, "counting": 1})
+    tags = Counter(parse_prompt(p).tag for p in drawn)
+    assert set(tags) == {"position", "counting"}  # tags left out have weight 0
+    assert tags["position"] / 6000 == pytest.approx(0.75, abs=0.02)
+    assert src.sample(random.Random(0), 5) == src.sample(random.Random(0), 5, None)
+    with pytest.raises(ValueError, match=r"data\.tag_weights: unknown tag\(s\) positon"):
+        src.check_tag_weights({"positon": 1}, "data.tag_weights")
+    with pytest.raises(ValueError, match="every tag has weight 0"):
+        src.check_tag_weights({"position": 0}, "data.tag_weights")

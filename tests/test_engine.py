@@ -126,3 +126,14 @@ def test_fsdp2_matches_one_process(tiny_model_path, tmp_path, extra):
     got, want = (load_checkpoint(r / "checkpoints" / "epoch_000002") for r in (run, single))
     _close(got["lora"], want["lora"])
     _close(got["ema"], want["ema"])
+
+
+def test_the_accelerate_launch_environment_picks_the_engine():
+    from tpgrpo.engine import launcher_strategy
+
+    assert launcher_strategy({}) == "single"  # one process
+    assert launcher_strategy({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
+    with pytest.raises(ValueError, match="FSDP version 1"):  # never silently replicated instead of sharded
+        launcher_strategy({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        launcher_strategy({"ACCELERATE_USE_DEEPSPEED": "true"})

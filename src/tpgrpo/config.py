@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -116,6 +116,10 @@ class DataConfig(_Section):
                                                            "shapes grammar's splits), or a UTF-8 text file, one prompt "
                                                            "a line")
     eval_prompts: str = Field("shapes:test", description="evaluation prompts, in the forms train_prompts takes")
+    tag_weights: dict[str, Annotated[float, Field(ge=0, le=1e6)]] | None = Field(
+        None, description="training prompts: draw a tag in proportion to these weights (tags left out: 0), then a "
+                          "prompt of it; None: tags uniformly. Spend samples where rewards vary, e.g. Flow-GRPO's "
+                          "GenEval mix {position: 7, counting: 5, color_attr: 3, colors: 1, two_object: 1}")
     eval_per_tag: int = Field(16, ge=1, le=10000, description="evaluation items per prompt tag (shapes: each of the "
                                                               "six GenEval tags; a prompt file is one tag)")
     eval_seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the evaluation set (prompts and noise), "

@@ -30,8 +30,22 @@ class PromptSource:
             self.by_tag.setdefault(tag, []).append(text)
         self.tags = sorted(self.by_tag, key=lambda t: TAGS.index(t) if t in TAGS else len(TAGS))
 
-    def sample(self, rng: random.Random, k: int) -> list[str]:
-        return [rng.choice(self.by_tag[rng.choice(self.tags)]) for _ in range(k)]
+    def sample(self, rng: random.Random, k: int, tag_weights: dict[str, float] | None = None) -> list[str]:
+        """k prompts: a tag (uniformly, or in proportion to ``tag_weights``), then a prompt of that tag."""
+        if not tag_weights:
+            return [rng.choice(self.by_tag[rng.choice(self.tags)]) for _ in range(k)]
+        weights = [tag_weights.get(t, 0.0) for t in self.tags]
+        return [rng.choice(self.by_tag[rng.choices(self.tags, weights)[0]]) for _ in range(k)]
+
+    def check_tag_weights(self, tag_weights: dict[str, float] | None, field: str) -> None:
+        """Every weighted tag must exist, and some tag of this source must have a positive weight."""
+        if not tag_weights:
+            return
+        unknown = sorted(set(tag_weights) - set(self.tags))
+        if unknown:
+            raise ValueError(f"{field}: unknown tag(s) {', '.join(unknown)}; the prompts have {', '.join(self.tags)}")
+        if not any(tag_weights.get(t, 0.0) > 0 for t in self.tags):
+            raise ValueError(f"{field}: every tag has weight 0")
 
     def eval_items(self, per_tag: int, seed: int = 0) -> list[EvalPrompt]:
         if self.shapes_split is not None:

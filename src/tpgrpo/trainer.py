@@ -128,6 +128,7 @@ class Trainer:
         self.eval_source: PromptSource = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
         for field, src in (("data.train_prompts", self.train_source), ("data.eval_prompts", self.eval_source)):
             self._validate_prompts(field, src)
+        self.train_source.check_tag_weights(cfg.data.tag_weights, "data.tag_weights")
         s = cfg.sampling
         self.sigmas = model_sigmas(self.model, s, s.num_steps)
         self.eval_sigmas = model_sigmas(self.model, s, s.eval_num_steps)
@@ -261,7 +262,7 @@ class Trainer:
     def _epoch_plan(self, epoch: int) -> tuple[list[str], list[int]]:
         cfg = self.cfg
         rng = random.Random(_seed_for(cfg.seed, epoch, 1))
-        prompts = self.train_source.sample(rng, cfg.training.prompts_per_epoch)
+        prompts = self.train_source.sample(rng, cfg.training.prompts_per_epoch, cfg.data.tag_weights)
         s = cfg.sampling
         start = rng.randint(s.window_start_min, s.window_start_max)
         return prompts, list(range(start, start + s.window_size))
