@@ -9,7 +9,7 @@ from tpgrpo.config import load_config
 from tpgrpo.trainer import Trainer
 
 CASES = [("flow_grpo", False), ("flow_grpo", True), ("tpgrpo", False), ("tpgrpo", True),
-         ("dance_grpo", False), ("tempflow_grpo", True), ("diffusion_nft", False)]
+         ("dance_grpo", False), ("tempflow_grpo", True), ("diffusion_nft", False), ("awm", False)]
 
 
 @pytest.mark.parametrize("algorithm,invert", CASES)

@@ -279,6 +279,16 @@ class DistributedConfig(_Section):
                           "the parameters' own dtype)")
 
 
+class AWMConfig(_Section):
+    weighting: Literal["uniform", "t", "t2"] = Field("uniform", description="weight w(t) of the flow-matching "
+                                                                           "log-likelihood −w(t)·mean((v − (ε − x0))²): "
+                                                                           "1, t or t² (Flow-Factory's default: 1)")
+    timestep_fraction: float = Field(0.9, gt=0, le=1, description="each sample trains int(num_steps · fraction) (at "
+                                                                  "least 1) noise levels, a random subset of the "
+                                                                  "sampling σ's (Flow-Factory: timestep_range 0.9)")
+    global_std: bool = Field(True, description="advantages divide by the whole epoch's reward std; false: the group's")
+
+
 class LoggingConfig(_Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers (accelerate): tensorboard writes "
@@ -290,11 +300,12 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft"] = Field(
+    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft", "awm"] = Field(
         "tpgrpo", description="method: tpgrpo = TP-GRPO (turning points); flow_grpo = Flow-GRPO; dance_grpo = "
                               "DanceGRPO; tempflow_grpo = TempFlow-GRPO (branching, noise-aware weights); "
                               "diffusion_nft = DiffusionNFT (ODE rollouts, forward-process loss; no window, kernel or "
-                              "clip range)")
+                              "clip range); awm = advantage-weighted matching (ODE rollouts, PPO-clipped "
+                              "flow-matching likelihood ratio)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="run seed: every random choice of epoch e (prompts, window, "
                                                         "noise, shuffling) derives from (seed, e)")
     run_dir: str = Field("runs/default", min_length=1, description="directory of the run: config.yaml, "
@@ -316,6 +327,8 @@ class Config(_Section):
                                                                    "tempflow_grpo)")
     nft: NFTConfig = Field(NFTConfig(), description="DiffusionNFT's implicit policies, old-policy decay and trained "
                                                     "noise levels (algorithm diffusion_nft)")
+    awm: AWMConfig = Field(AWMConfig(), description="AWM's log-likelihood weighting and trained noise levels "
+                                                    "(algorithm awm)")
     distributed: DistributedConfig = Field(DistributedConfig(), description="the distributed engine of a "
                                                                             "multi-process run (DDP or FSDP2)")
     logging: LoggingConfig = Field(LoggingConfig(), description="experiment trackers (tensorboard, wandb)")
@@ -323,7 +336,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self):
         t, s = self.training, self.sampling
-        if self.algorithm != "diffusion_nft" and s.window_start_max + s.window_size > s.num_steps - 1:
+        if self.algorithm not in ("diffusion_nft", "awm") and s.window_start_max + s.window_size > s.num_steps - 1:
             raise ValueError(  # DiffusionNFT trains no window: its rollouts are ODE
                 f"sampling.window_size: a window of {s.window_size} starting at step {s.window_start_max} reaches the "
                 f"final step (num_steps={s.num_steps}); the final step is deterministic and never trained")

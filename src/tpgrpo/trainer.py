@@ -134,9 +134,9 @@ class Trainer:
         self.eval_sigmas = model_sigmas(self.model, s, s.eval_num_steps)
         self.method = build_method(cfg.algorithm, cfg)
         self.method.schedule = self.sigmas  # methods that need σ (TempFlow's noise-aware weights) use this one
-        self.forward_process = getattr(self.method, "forward_process", False)  # DiffusionNFT: no window, no log-probs
+        self.forward_process = getattr(self.method, "forward_process", False)  # DiffusionNFT, AWM: no window or log-probs
         # DiffusionNFT's old policy: a second copy of the trained weights, moved only at the end of each epoch
-        self.old = EMA(self.trainable, 0.0) if self.forward_process else None
+        self.old = EMA(self.trainable, 0.0) if getattr(self.method, "old_policy", None) == "decayed" else None
         if not self.forward_process:
             self._warn_near_deterministic_steps()
         self._embed_cache: dict[str, PromptEmbeds] = {}
@@ -293,7 +293,7 @@ class Trainer:
         n = len(prompts)
         lo, hi = dist.shard(n)  # this process's samples (all of them with one process)
         t0 = time.perf_counter()
-        if self.forward_process:  # DiffusionNFT samples with the old policy (train_nft_sd3.py L640–658)
+        if self.old is not None:  # DiffusionNFT samples with the old policy (train_nft_sd3.py L640–658)
             with self.old.swapped(self.trainable):
                 parts = self.rollouts(prompts[lo:hi], window, noise[lo:hi], gens[lo:hi])
         else:
@@ -640,13 +640,12 @@ class Trainer:
         return t, (1 - te) * x0[:, None] + te * noise
 
     def optimise_forward(self, batch: EpochBatch, epoch: int) -> dict:
-        """DiffusionNFT's epoch of updates (train_nft_sd3.py L806–1039): every row trains K noise levels; one optimizer
-        step per train micro-batch, the loss averaged over its K levels. The old policy's velocities are computed
-        first, with the old weights swapped in (they only move at the end of the epoch, as the reference's "old"
-        adapter), in the training pass's composition; then old ← d·old + (1 − d)·current. Model calls hold at most
+        """A forward-process method's epoch of updates (DiffusionNFT: train_nft_sd3.py L806–1039; AWM): every row
+        trains K noise levels; one optimizer step per train micro-batch, the method's loss averaged over its K levels.
+        The old policy's velocities are computed first, in the training pass's composition: DiffusionNFT's old
+        weights swapped in (they move only at the end of the epoch, old ← d·old + (1 − d)·current, as the reference's
+        "old" adapter); AWM's the current weights before the epoch's updates. Model calls hold at most
         ``training.max_batch`` rows; larger micro-batches accumulate gradients (the reference's accumulation)."""
-        from .methods.diffusion_nft import nft_loss, return_decay
-
         t, m = self.cfg.training, self.method
         lr = epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs)
         for group in self.optimizer.param_groups:
@@ -672,7 +671,8 @@ class Trainer:
                 parts += [(torch.tensor([batch.row_offset]), torch.tensor([0]), 0.0)] * (calls - len(parts))
                 yield idx, parts
 
-        with torch.no_grad(), self.old.swapped(self.trainable), self.engine.gathered():
+        old = self.old.swapped(self.trainable) if self.old is not None else nullcontext()  # AWM: the current weights
+        with torch.no_grad(), old, self.engine.gathered():
             for inner, (ts, xt) in enumerate(draws):
                 for _, parts in chunks(inner):
                     for _, local, weight in parts:
@@ -694,9 +694,8 @@ class Trainer:
                             with self.engine.policy(self.model):
                                 v = self.model.velocity(x, s, cond, None, g)
                             v_ref = self.velocity_ref(x, s, cond, None, g) if t.beta > 0 else None
-                            loss, li = nft_loss(v, v_old[inner][local, k], batch.states[local, 0], x, s,
-                                                batch.advantages[sub, 0], beta=m.beta, adv_clip_max=t.adv_clip_max,
-                                                v_ref=v_ref, kl_weight=t.beta)
+                            loss, li = m.loss(v, v_old[inner][local, k], batch.states[local, 0], x, s,
+                                              batch.advantages[sub, 0], v_ref=v_ref, kl_weight=t.beta)
                             loss = loss * (weight * len(sub) / len(idx))  # this process's share of the mean
                             (loss * (self.engine.loss_scale / K)).backward()
                         if not weight:
@@ -707,10 +706,11 @@ class Trainer:
                         n_terms += len(sub)
                 self._update(total, info, epoch)
         self.model.transformer.eval()
-        with torch.no_grad():  # the old policy moves once per epoch (train_nft_sd3.py L1033–1039)
-            self.old.decay = return_decay(self.optimizer_steps, m.decay_type)
-            self.old.update(self.trainable)
-        info["old_decay"] = self.old.decay
+        if self.old is not None:
+            with torch.no_grad():  # the old policy moves once per epoch (train_nft_sd3.py L1033–1039)
+                self.old.decay = m.old_decay(self.optimizer_steps)
+                self.old.update(self.trainable)
+            info["old_decay"] = self.old.decay
         sums = dist.reduce_metrics({k: info[k] for k in ("loss", "grad_norm", "policy_loss", "old_deviate", "kl")}
                                    | {"n": float(n_terms)}, maxima=("grad_norm",))
         n_updates = max(1, math.ceil(len(rows) / t.train_batch_size) * t.inner_epochs)

@@ -1,6 +1,7 @@
 """The GRPO-family methods on one engine. A method decides which states are forked and how rewards become
 per-step advantages; everything else (rollouts, loss, optimisation) is shared (DESIGN §3)."""
 
+from .awm import AWM
 from .base import Credit, Method, ScoredRollout
 from .dance_grpo import DanceGRPO
 from .diffusion_nft import DiffusionNFT
@@ -9,7 +10,7 @@ from .tempflow_grpo import TempFlowGRPO
 from .tp_grpo import TPGRPO
 
 METHODS: dict[str, type] = {"tpgrpo": TPGRPO, "flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO,
-                            "tempflow_grpo": TempFlowGRPO, "diffusion_nft": DiffusionNFT}
+                            "tempflow_grpo": TempFlowGRPO, "diffusion_nft": DiffusionNFT, "awm": AWM}
 
 
 def build_method(name: str, cfg) -> Method:

@@ -77,12 +77,21 @@ class DiffusionNFT:
     name = "diffusion_nft"
     engine_options: dict = {}
     rows = "samples"
-    forward_process = True  # the trainer keeps the clean samples and trains with :func:`nft_loss`
+    forward_process = True  # the trainer keeps the clean samples and trains with :meth:`loss`
+    old_policy = "decayed"  # samples and v_old come from old weights that move once per epoch (:meth:`old_decay`)
 
     def __init__(self, cfg):
         o = cfg.nft
         self.beta, self.decay_type, self.global_std = o.beta, o.decay_type, o.global_std
+        self.adv_clip_max = cfg.training.adv_clip_max
         self.num_train = max(1, int(cfg.sampling.num_steps * o.timestep_fraction))  # L569
+
+    def loss(self, v, v_old, x0, xt, t, advantages, *, v_ref=None, kl_weight=0.0):
+        return nft_loss(v, v_old, x0, xt, t, advantages, beta=self.beta, adv_clip_max=self.adv_clip_max, v_ref=v_ref,
+                        kl_weight=kl_weight)
+
+    def old_decay(self, optimizer_steps: int) -> float:
+        return return_decay(optimizer_steps, self.decay_type)
 
     def credit(self, scored: ScoredRollout, group_ids, microbatch_ids, window, rng) -> Credit:
         adv = group_advantages(scored.rewards, group_ids, std="global" if self.global_std else "group")
