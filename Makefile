@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/default.yaml
 
-.PHONY: install train test test-all bench compare clean-venv
+.PHONY: install train test test-all bench compare pretrain-latent clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ bench: install
 compare: install
 	$(VENV)/bin/tpgrpo compare configs/compare_shapes.yaml --jobs 2 \
 	  --arms flow_grpo tpgrpo dance_grpo tempflow_grpo tpgrpo_def41 tpgrpo_nobalance tpgrpo_coarse3 --out docs/compare
+
+# the latent built-in world's base model (docs/RESULTS.md, "The latent world"): autoencoder (3,000 steps), flow model
+# (6,000 steps), then a fine-tuning stage at a lower lr (3,000 steps); every stage resumes where it stopped.
+# About an hour on 2 cores. Writes pretrain_latent/stage3/shapes_base.safetensors.
+pretrain-latent: install
+	$(VENV)/bin/tpgrpo --threads 1 pretrain-shapes --out pretrain_latent/stage12 --steps 6000 --batch-size 64 \
+	  --ae-steps 3000 --layers 4 --warmup 300
+	$(VENV)/bin/tpgrpo --threads 1 pretrain-shapes --init pretrain_latent/stage12/shapes_base.safetensors \
+	  --out pretrain_latent/stage3 --steps 3000 --batch-size 64 --lr 3e-4 --warmup 100
 
 clean-venv:
 	rm -rf $(VENV)

@@ -49,7 +49,8 @@ class ModelConfig(_Section):
     kind: Literal["shapes", "sd3", "flux"] = Field(
         "shapes", description="model family: shapes = the built-in tiny model of the shapes world; sd3 = Stable "
                               "Diffusion 3 / 3.5 (diffusers); flux = FLUX.1 (diffusers)")
-    path: str | None = Field(None, description="shapes: safetensors weights file (None: the built-in weights); "
+    path: str | None = Field(None, description="shapes: safetensors weights file, or a built-in one by name: pixel (the "
+                                               "default when None) or latent (the latent world, docs/RESULTS.md); "
                                                "sd3/flux (required): hub id or local diffusers pipeline directory")
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="sd3/flux: weight dtype of the frozen components and autocast dtype; latents and step "

@@ -40,8 +40,12 @@ LATENT_CONFIG = {"space": "latent", "image_size": 8, "patch_size": 2, "autoencod
 PAD, BOS = 0, 1
 
 
-def default_weights_path() -> Path:
-    return Path(str(resources.files("tpgrpo") / "assets" / "shapes_base.safetensors"))
+#: the built-in weights shipped in the package, by name (``model.path: latent``)
+BUILTIN_WEIGHTS = {"pixel": "shapes_base.safetensors", "latent": "shapes_latent.safetensors"}
+
+
+def default_weights_path(name: str = "pixel") -> Path:
+    return Path(str(resources.files("tpgrpo") / "assets" / BUILTIN_WEIGHTS[name]))
 
 
 class ShapesTokenizer:
@@ -192,7 +196,9 @@ class ShapesModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **kw) -> "ShapesModel":
-        path = Path(path) if path else default_weights_path()
+        if path is None or str(path) in BUILTIN_WEIGHTS:
+            path = default_weights_path(str(path) if path else "pixel")
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model weights not found: {path} (train them with `tpgrpo pretrain-shapes`)")
         from safetensors import SafetensorError, safe_open
