@@ -78,3 +78,18 @@ def test_two_stage_pretraining_resumes_exactly(tmp_path, monkeypatch):
     model = ShapesModel.load(straight)
     assert model.config["space"] == "latent" and model.latent_shape() == (4, 8, 8)
     assert (tmp_path / "a" / "autoencoder_accuracy.txt").read_text().strip() == "0.5000"
+
+
+@pytest.mark.parametrize("preset", ["configs/diffusion_nft_latent.yaml", "configs/flow_grpo_latent.yaml"])
+def test_latent_presets_run_on_the_shipped_latent_model(tmp_path, preset):
+    from tpgrpo.config import load_config
+    from tpgrpo.trainer import Trainer
+
+    small = {"run_dir": tmp_path, "training.epochs": 1, "training.prompts_per_epoch": 2, "training.group_size": 4,
+             "training.sample_batch_size": 8, "training.train_batch_size": 8, "data.eval_per_tag": 1}
+    tr = Trainer(load_config(preset, [f"{k}={v}" for k, v in small.items()]), log_trackers=False)
+    assert tr.model.config["space"] == "latent" and tr.model.latent_shape() == (4, 8, 8)
+    assert tr.uncond is not None and tr.cfg.sampling.guidance_scale == 1.0
+    summary = tr.train()
+    assert summary["epoch"] == 1 and (tmp_path / "checkpoints" / "epoch_000001").is_dir()
+    assert 0.0 <= summary["eval_after"]["strict"] <= 1.0
