@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..advantages import group_advantages
-from .base import Credit, ScoredRollout
-from .diffusion_nft import DiffusionNFT
+from .base import ForwardProcessMethod, add_velocity_kl
 
 WEIGHTINGS = ("uniform", "t", "t2")
 
@@ -52,21 +50,13 @@ def awm_loss(v: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, xt: torch.T
     ratio = torch.exp(logp - logp_old).float()
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    loss = policy
     info = {"policy_loss": policy.detach(), "old_deviate": ((v - v_old) ** 2).mean().detach(),
             "ratio_mean": ratio.mean().detach(), "clipfrac": ((ratio - 1).abs() > clip_range).float().mean()}
-    if v_ref is not None:
-        kl = ((v - v_ref.detach()) ** 2).mean(dim=tuple(range(1, v.ndim))).mean()
-        loss = loss + kl_weight * kl
-        info["kl"] = kl.detach()
-    return loss, info
+    return add_velocity_kl(policy, info, v, v_ref, kl_weight), info
 
 
-class AWM:
+class AWM(ForwardProcessMethod):
     name = "awm"
-    engine_options: dict = {}
-    rows = "samples"
-    forward_process = True  # the trainer keeps the clean samples and trains with :meth:`loss`
     old_policy = "current"  # the old log-likelihoods come from the policy before the epoch's updates
 
     def __init__(self, cfg):
@@ -74,12 +64,6 @@ class AWM:
         self.global_std, self.weighting = o.global_std, o.weighting
         self.clip_range, self.adv_clip_max = cfg.training.clip_range, cfg.training.adv_clip_max
         self.num_train = max(1, int(cfg.sampling.num_steps * o.timestep_fraction))
-
-    def credit(self, scored: ScoredRollout, group_ids, microbatch_ids, window, rng) -> Credit:
-        adv = group_advantages(scored.rewards, group_ids, std="global" if self.global_std else "group")
-        return Credit(adv[:, None].float().contiguous())
-
-    draw = DiffusionNFT.draw
 
     def loss(self, v, v_old, x0, xt, t, advantages, *, v_ref=None, kl_weight=0.0):
         return awm_loss(v, v_old, x0, xt, t, advantages, clip_range=self.clip_range, adv_clip_max=self.adv_clip_max,

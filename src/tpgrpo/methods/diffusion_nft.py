@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..advantages import group_advantages
-from .base import Credit, ScoredRollout
+from .base import ForwardProcessMethod, add_velocity_kl
 
 #: (flat, uprate, uphold) of the reference's ``return_decay`` (train_nft_sd3.py L169–189)
 DECAY_TYPES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
@@ -64,20 +63,12 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, xt: torch.T
 
     pos, neg = weighted(v_pos), weighted(v_neg)
     policy = (c * (r * pos / beta + (1.0 - r) * neg / beta)).mean()
-    loss = policy
     info = {"policy_loss": policy.detach(), "old_deviate": ((v - v_old) ** 2).mean().detach()}
-    if v_ref is not None:
-        kl = _per_sample_mean((v - v_ref.detach()) ** 2).mean()
-        loss = loss + kl_weight * kl
-        info["kl"] = kl.detach()
-    return loss, info
+    return add_velocity_kl(policy, info, v, v_ref, kl_weight), info
 
 
-class DiffusionNFT:
+class DiffusionNFT(ForwardProcessMethod):
     name = "diffusion_nft"
-    engine_options: dict = {}
-    rows = "samples"
-    forward_process = True  # the trainer keeps the clean samples and trains with :meth:`loss`
     old_policy = "decayed"  # samples and v_old come from old weights that move once per epoch (:meth:`old_decay`)
 
     def __init__(self, cfg):
@@ -92,16 +83,3 @@ class DiffusionNFT:
 
     def old_decay(self, optimizer_steps: int) -> float:
         return return_decay(optimizer_steps, self.decay_type)
-
-    def credit(self, scored: ScoredRollout, group_ids, microbatch_ids, window, rng) -> Credit:
-        adv = group_advantages(scored.rewards, group_ids, std="global" if self.global_std else "group")
-        return Credit(adv[:, None].float().contiguous())
-
-    def draw(self, seed: int, schedule: torch.Tensor, latent: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sample's training noise levels [K] (a random permutation of the sampling σ's σ_0 … σ_{T−1}, its
-        first K) and noise [K, *latent], from its own seed (the trainer derives it from seed, epoch, inner epoch and
-        the sample's global index, so neither batching nor the number of processes changes them)."""
-        g = torch.Generator().manual_seed(seed)
-        T = len(schedule) - 1
-        idx = torch.randperm(T, generator=g)[:self.num_train]
-        return schedule[idx].float(), torch.randn((self.num_train, *latent), generator=g)
