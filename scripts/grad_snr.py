@@ -18,25 +18,40 @@ from tpgrpo.config import load_config
 from tpgrpo.trainer import Trainer
 
 
+def gradient_estimates(trainer: Trainer, k: int, first_epoch: int = 1) -> torch.Tensor:
+    """K flattened gradients at the trainer's initial weights, one per epoch's batch (epochs first_epoch …): the
+    optimizer step and the EMA update are disabled, so every estimate starts from the same model. Use
+    train_batch_size = the epoch's samples for one estimate per epoch."""
+    grads: list[torch.Tensor] = []
+    saved = trainer.optimizer.step, trainer.ema.update
+    trainer.optimizer.step = lambda *a, **kw: grads.append(torch.cat([p.grad.flatten().clone() for p in trainer.trainable]))
+    trainer.ema.update = lambda *a, **kw: None
+    try:
+        for epoch in range(first_epoch, first_epoch + k):
+            batch, _ = trainer.collect(epoch)
+            trainer.optimise(batch, epoch)
+    finally:
+        trainer.optimizer.step, trainer.ema.update = saved
+    return torch.stack(grads)
+
+
+def pairwise_agreement(g: torch.Tensor) -> dict:
+    """Mean pairwise cosine of the rows of g and its standard error over the K(K−1)/2 pairs."""
+    unit = g / g.norm(dim=1, keepdim=True)
+    cos = (unit @ unit.T)[torch.triu(torch.ones(len(g), len(g), dtype=torch.bool), 1)]
+    return {"estimates": len(g), "pairwise_cosine": float(cos.mean()), "standard_error": float(cos.std() / len(cos) ** 0.5)}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         sys.exit(__doc__)
     config, k, overrides = argv[0], int(argv[1]), argv[2:]
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, overrides + [f"run_dir={run_dir}"])
-        trainer = Trainer(cfg, log_trackers=False)
-        grads: list[torch.Tensor] = []
-        trainer.optimizer.step = lambda: grads.append(torch.cat([p.grad.flatten().clone() for p in trainer.trainable]))
-        trainer.ema.update = lambda *a, **kw: None
-        for epoch in range(1, k + 1):
-            batch, _ = trainer.collect(epoch)
-            trainer.optimise(batch, epoch)  # one estimate per train micro-batch; use train_batch_size = the epoch
-    g = torch.stack(grads)
-    unit = g / g.norm(dim=1, keepdim=True)
-    cos = (unit @ unit.T)[torch.triu(torch.ones(len(g), len(g), dtype=torch.bool), 1)]
-    print(json.dumps({"config": config, "overrides": overrides, "estimates": len(g),
-                      "pairwise_cosine": round(float(cos.mean()), 4),
-                      "standard_error": round(float(cos.std() / len(cos) ** 0.5), 4)}))
+        agreement = pairwise_agreement(gradient_estimates(Trainer(cfg, log_trackers=False), k))
+    print(json.dumps({"config": config, "overrides": overrides, "estimates": agreement["estimates"],
+                      "pairwise_cosine": round(agreement["pairwise_cosine"], 4),
+                      "standard_error": round(agreement["standard_error"], 4)}))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from grad_snr import gradient_estimates, pairwise_agreement  # scripts/grad_snr.py, next to this file
 from tpgrpo.config import load_config
 from tpgrpo.trainer import Trainer
 
@@ -39,23 +40,9 @@ def epoch_seconds(tr: Trainer, epoch: int) -> float:
 
 
 def gradient_agreement(tr: Trainer, k: int) -> dict:
-    """K gradients at the initial weights: the optimizer step and EMA are disabled, so each estimate starts from
-    the same model; one estimate per epoch (train_batch_size must be the whole epoch)."""
-    grads: list[torch.Tensor] = []
-    saved = tr.optimizer.step, tr.ema.update
-    tr.optimizer.step = lambda *a, **kw: grads.append(torch.cat([p.grad.flatten().clone() for p in tr.trainable]))
-    tr.ema.update = lambda *a, **kw: None
-    try:
-        for epoch in range(1000, 1000 + k):
-            batch, _ = tr.collect(epoch)
-            tr.optimise(batch, epoch)
-    finally:
-        tr.optimizer.step, tr.ema.update = saved
-    g = torch.stack(grads)
-    unit = g / g.norm(dim=1, keepdim=True)
-    cos = (unit @ unit.T)[torch.triu(torch.ones(len(g), len(g), dtype=torch.bool), 1)]
-    return {"estimates": len(g), "samples_per_estimate": tr.cfg.samples_per_epoch,
-            "pairwise_cosine": float(cos.mean()), "standard_error": float(cos.std() / len(cos) ** 0.5)}
+    """K gradients at the initial model, one per epoch's batch (train_batch_size must be the whole epoch)."""
+    return {**pairwise_agreement(gradient_estimates(tr, k, first_epoch=1000)),
+            "samples_per_estimate": tr.cfg.samples_per_epoch}
 
 
 def main():

@@ -71,7 +71,6 @@ class Engine:
         self.strategy = strategy
         self.cpu_offload = cpu_offload
         self.param_dtype = param_dtype
-        self.accelerator = None
         self.wrapped: nn.Module | None = None  # the DDP module that the training forward goes through
         self.sharded: list[nn.Module] = []     # FSDP2 modules (blocks and roots), for gathering
         self.root: nn.Module | None = None
@@ -114,8 +113,8 @@ class Engine:
             return optimizer
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
-        self.wrapped, optimizer = self.accelerator.prepare(transformer, optimizer)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
+        self.wrapped, optimizer = accelerator.prepare(transformer, optimizer)
         return optimizer
 
     # --- training pass ----------------------------------------------------------------------------------------
@@ -138,7 +137,9 @@ class Engine:
 
     def policy(self, model):
         """Around the trained policy's forward: with DDP it goes through the DDP module, whose hooks must see it."""
-        return _swapped(model, self.wrapped) if self.strategy == "ddp" else nullcontext()
+        from .export import swapped_transformer
+
+        return swapped_transformer(model, self.wrapped) if self.strategy == "ddp" else nullcontext()
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip the (already synchronised) gradients; with FSDP2 the norm is of the full, sharded gradient."""
@@ -163,7 +164,6 @@ class Engine:
             for m in self.sharded:
                 m.reshard()
                 m.set_reshard_after_forward(True)
-
 
     # --- sharded checkpoints -------------------------------------------------------------------------------------
     @staticmethod
@@ -197,16 +197,6 @@ class Engine:
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path / SHARDS}: does not fit this run ({str(e).splitlines()[0][:120]})") from None
         return read_state(path)
-
-
-@contextmanager
-def _swapped(model, transformer):
-    original = model.transformer
-    model.transformer = transformer
-    try:
-        yield
-    finally:
-        model.transformer = original
 
 
 def local_bytes(tensors) -> int:

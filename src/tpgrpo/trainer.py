@@ -454,15 +454,14 @@ class Trainer:
         return logp, kl
 
     def _micro_batches(self, batch: EpochBatch, kept: torch.Tensor, epoch: int, inner: int):
-        """The global train micro-batches of one inner epoch (the same on every process): ``(start, idx, pos, mine)``
-        with ``idx`` the micro-batch's rows and ``mine = idx[pos]`` the rows this process owns (all with one process)."""
+        """The global train micro-batches of one inner epoch (the same on every process): ``(start, idx, mine)`` with
+        ``idx`` the micro-batch's rows and ``mine`` those this process owns, in ``idx``'s order (all with one process)."""
         rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 3, inner))
         order = kept[torch.randperm(len(kept), generator=rng)]
         own_lo, own_hi = batch.row_offset, batch.row_offset + len(batch.prompts)
         for lo in range(0, len(order), self.cfg.training.train_batch_size):
             idx = order[lo:lo + self.cfg.training.train_batch_size]
-            pos = torch.nonzero((idx >= own_lo) & (idx < own_hi)).flatten()
-            yield lo, idx, pos, idx[pos]
+            yield lo, idx, idx[(idx >= own_lo) & (idx < own_hi)]
 
     def _lockstep_terms(self, batch: EpochBatch, idx: torch.Tensor, mine: torch.Tensor):
         """The terms of a micro-batch that *every* process runs, in order: ``(w, rows)`` for each window step w active
@@ -507,7 +506,7 @@ class Trainer:
         seen = torch.zeros(batch.log_probs.shape, dtype=torch.bool)
         self.model.transformer.train()
         with self.engine.gathered():
-            for _, _, _, mine in self._micro_batches(batch, kept, epoch, 0):
+            for _, _, mine in self._micro_batches(batch, kept, epoch, 0):
                 cond = self.embed([batch.prompts[j - batch.row_offset] for j in mine]) if len(mine) else None
                 uncond = self.uncond_for(len(mine))
                 for w, rows in self._active_steps(batch, mine):
@@ -547,9 +546,10 @@ class Trainer:
         # sums over this process's trained transitions, reduced over processes at the end (metrics only)
         m = dict.fromkeys(("n", "ratio", "clipped", "kl", "first_n", "first_clipped", "max_dev", "first_max_dev"), 0.0)
         W = len(batch.window)
+        term_weights = self.loss_term_weights
         self.model.transformer.train()
         for inner in range(t.inner_epochs):
-            for lo, idx, pos, mine in self._micro_batches(batch, kept, epoch, inner):
+            for lo, idx, mine in self._micro_batches(batch, kept, epoch, inner):
                 cond = self.embed([batch.prompts[j - batch.row_offset] for j in mine]) if len(mine) else None
                 uncond = self.uncond_for(len(mine))
                 self.optimizer.zero_grad(set_to_none=True)
@@ -569,7 +569,7 @@ class Trainer:
                         weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
                         loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w],
                                                   t.clip_range, kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max,
-                                                  weights=weights, term_weights=self.loss_term_weights)
+                                                  weights=weights, term_weights=term_weights)
                         loss = loss * (weight * len(sub) / len(idx))  # this process's share of the micro-batch mean
                         (loss * (self.engine.loss_scale / W)).backward()
                     if rows is None:
@@ -663,7 +663,7 @@ class Trainer:
         def chunks(inner):
             """(micro-batch rows, [(rows, local rows, weight)]): this process's rows in calls of at most
             ``training.max_batch``, padded with zero-weighted one-row calls to the most calls any process makes."""
-            for _, idx, _, mine in self._micro_batches(batch, rows, epoch, inner):
+            for _, idx, mine in self._micro_batches(batch, rows, epoch, inner):
                 calls = max(math.ceil(int(((idx >= q * own) & (idx < (q + 1) * own)).sum()) / t.max_batch)
                             for q in range(P))
                 parts = [(mine[c:c + t.max_batch], mine[c:c + t.max_batch] - batch.row_offset, 1.0)

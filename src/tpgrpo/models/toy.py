@@ -169,7 +169,12 @@ class ShapesModel(nn.Module):
         if self.autoencoder is not None:
             with torch.no_grad():
                 x = self.autoencoder.decode(x.to(self.device))
-        img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.tensor_to_images(x)
+
+    @staticmethod
+    def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+        """float [B, 3, H, W] in [-1, 1] (clamped) → uint8 [B, H, W, 3]; the inverse of :meth:`images_to_tensor`."""
+        img = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
     @staticmethod

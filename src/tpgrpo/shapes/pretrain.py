@@ -174,7 +174,7 @@ def reconstruction_accuracy(ae: ShapesAutoencoder, n: int = 300, seed: int = 123
     ae.eval()
     with torch.no_grad():
         recon = ae.decode(ae.encode(ShapesModel.images_to_tensor(images)))
-    out = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = ShapesModel.tensor_to_images(recon)
     return float(np.mean([score_image(img, s).strict for img, s in zip(out, specs)]))
 
 
