@@ -5,6 +5,12 @@
 #   bash scripts/gpu_check.sh bench OUTDIR    # tpgrpo bench: TP-GRPO (lockstep and one state at a time) vs Flow-GRPO
 #   bash scripts/gpu_check.sh mismatch OUTDIR # rollout/training log-prob mismatch: TP-GRPO (cps) and Flow-GRPO (sde),
 #                                             # 2 epochs each with and without training.recompute_old_logprobs
+#                                             # (RECOMPUTE="true" and EPOCHS=1 for a shorter check)
+#   bash scripts/gpu_check.sh latent OUTDIR   # configs/compare_latent.yaml at SCALE× (16) the samples per update,
+#                                             # ARMS × SEEDS (flow_grpo tpgrpo diffusion_nft × 0 1 2) all at once,
+#                                             # EPOCHS (20) epochs, then each run's paired evaluation on 768 fresh
+#                                             # test images (evaluation seed 7); runs, evaluations and report in
+#                                             # OUTDIR/latent.tgz
 #
 # Environment: EXTRA="section.field=value ..." adds overrides (e.g. tpgrpo.completion_steps=3), NAME names the
 # outputs (default: smoke / bench_sd35m), REPEATS sets the benchmark's repeats (default 2).
@@ -19,11 +25,11 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 pipe=${PIPELINE_DIR:-/tmp/sd35m_random}
 py=${PYTHON:-python3}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" || true
 $py -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'diffusers', \
 diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', \
 accelerate.__version__)" | tee -a "$out/gpu.txt"
-[ -f "$pipe/model_index.json" ] || $py scripts/make_random_pipeline.py "$pipe" --size sd35m --dtype bf16 2>&1 \
+[ "$stage" = latent ] || [ -f "$pipe/model_index.json" ] || $py scripts/make_random_pipeline.py "$pipe" --size sd35m --dtype bf16 2>&1 \
     | grep -v "shards" | tee -a "$out/gpu.txt"
 
 # both stages: SD3.5-M reference settings (configs/sd35m_*.yaml) at 512², bf16 (random weights can overflow fp16),
@@ -69,12 +75,12 @@ bench)
     cat "$out/$name.md"
     ;;
 mismatch)
-    for preset in sd35m_tpgrpo sd35m_flow_grpo; do
-        for recompute in false true; do
+    for preset in ${PRESETS:-sd35m_tpgrpo sd35m_flow_grpo}; do
+        for recompute in ${RECOMPUTE:-false true}; do
             name=mismatch_${preset}_recompute_$recompute
             run=/tmp/gpu_$name
             rm -rf "$run"
-            $py -m tpgrpo.cli train -c configs/$preset.yaml "${common[@]}" run_dir=$run training.epochs=2 \
+            $py -m tpgrpo.cli train -c configs/$preset.yaml "${common[@]}" run_dir=$run training.epochs=${EPOCHS:-2} \
                 training.recompute_old_logprobs=$recompute data.eval_per_tag=1 sampling.eval_num_steps=2 \
                 training.eval_every=100 training.checkpoint_every=100 > "$out/$name.log" 2>&1 \
                 || { tail -30 "$out/$name.log"; exit 1; }
@@ -90,6 +96,24 @@ EOF
         done
     done
     ;;
+latent)
+    runs=${RUNS:-/tmp/gpu_latent}
+    arms=(${ARMS:-flow_grpo tpgrpo diffusion_nft})
+    seeds=(${SEEDS:-0 1 2})
+    /usr/bin/time -v $py -m tpgrpo.cli compare configs/compare_latent.yaml training.epochs="${EPOCHS:-20}" ${EXTRA:-} \
+        --scale "${SCALE:-16}" --arms "${arms[@]}" --seeds "${seeds[@]}" --jobs $(( ${#arms[@]} * ${#seeds[@]} )) \
+        --runs-dir "$runs" --out "$runs/report" > "$runs.log" 2>&1 || tail -30 "$runs.log"
+    for arm in "${arms[@]}"; do
+        for seed in "${seeds[@]}"; do
+            d=$runs/$arm/seed$seed
+            $py -m tpgrpo.cli eval -c "$d/config.yaml" --lora "$d" --paired data.eval_seed=7 data.eval_per_tag=128 \
+                --json "$d/paired_eval_seed7.json" > "$d/paired_eval.log" 2>&1 &
+        done
+    done
+    wait
+    cp "$runs.log" "$out/latent.log"
+    tar czf "$out/latent.tgz" --exclude=optimizer.pt --exclude=tensorboard -C "$(dirname "$runs")" "$(basename "$runs")"
+    ;;
 *)
-    echo "unknown stage $stage (smoke, bench or mismatch)" >&2; exit 2;;
+    echo "unknown stage $stage (smoke, bench, mismatch or latent)" >&2; exit 2;;
 esac

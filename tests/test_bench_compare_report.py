@@ -54,28 +54,38 @@ def test_bench_bad_preset_is_one_line(preset, needle, capsys):
     assert len(err) == 1 and err[0].startswith("error: bench: --preset") and needle in err[0]
 
 
-def _spec(tmp_path, tiny_model_path, arms=None):
+def _spec(tmp_path, tiny_model_path, arms=None, **extra):
     common = _tiny(tiny_model_path, tmp_path, **{"training.eval_every": 1, "training.epochs": 2})
     spec = {"seeds": [0, 1], "common": common, "reference": "flow_grpo",
             "arms": arms or {"flow_grpo": {"config": "configs/flow_grpo_shapes.yaml"},
                              "tpgrpo_def41": {"config": "configs/tpgrpo_shapes.yaml",
-                                              "overrides": ["tpgrpo.consistent=false"]}}}
+                                              "overrides": ["tpgrpo.consistent=false"]}}, **extra}
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
 
 
 def test_compare_runs_summarises_and_skips_finished_runs(tiny_model_path, tmp_path, capsys):
-    spec = _spec(tmp_path, tiny_model_path)
+    from tpgrpo.config import load_config
+
+    spec = _spec(tmp_path, tiny_model_path, paired_eval={"seed": 3, "per_tag": 1})
     runs, out = tmp_path / "runs", tmp_path / "report"
-    args = ["compare", str(spec), "--runs-dir", str(runs), "--out", str(out), "--jobs", "2"]
+    args = ["compare", str(spec), "--runs-dir", str(runs), "--out", str(out), "--jobs", "2", "--scale", "2"]
     assert main(args) == 0
+    unscaled = load_config("configs/flow_grpo_shapes.yaml", yaml.safe_load(spec.read_text())["common"]).training
     for arm in ("flow_grpo", "tpgrpo_def41"):
         for s in (0, 1):
             d = runs / arm / f"seed{s}"
             assert is_finished(d)
             cfg = yaml.safe_load((d / "config.yaml").read_text())
             assert cfg["seed"] == s and cfg["training"]["epochs"] == 2
+            # --scale 2: twice the samples per update at the same number of updates
+            assert cfg["training"]["prompts_per_epoch"] == 2 * unscaled.prompts_per_epoch
+            assert cfg["training"]["train_batch_size"] == 2 * unscaled.train_batch_size
+            # the paired evaluation of the last checkpoint: 1 image per tag, evaluation seed 3
+            paired = json.loads((d / "paired_eval.json").read_text())
+            assert paired["n"] == 6 and paired["gain_over_base"]["strict"] == pytest.approx(
+                paired["strict"] - paired["base"]["strict"])
     assert yaml.safe_load((runs / "tpgrpo_def41/seed0/config.yaml").read_text())["tpgrpo"]["consistent"] is False
     summary = json.loads((out / "summary.json").read_text())
     a = summary["arms"]["tpgrpo_def41"]
@@ -87,12 +97,40 @@ def test_compare_runs_summarises_and_skips_finished_runs(tiny_model_path, tmp_pa
         finals.append(recs[-1]["eval"]["partial"])
     assert a["partial_mean"][-1] == pytest.approx(sum(finals) / 2)
     assert "welch_p_vs_reference" in a and summary["arms"]["flow_grpo"]["epochs_to_reference_final"] is not None
+    p = a["paired"]
+    assert p["seeds"] == [0, 1] and p["images"] == 6 and len(p["strict_gain"]) == 2
+    assert p["strict_gain_vs_reference"]["diff"] == pytest.approx(
+        sum(p["strict_gain"]) / 2 - sum(summary["arms"]["flow_grpo"]["paired"]["strict_gain"]) / 2)
     md = (out / "compare.md").read_text()
     assert "| tpgrpo_def41 |" in md and (out / "compare_epoch.png").is_file() and (out / "compare_time.png").is_file()
-    # a second call trains nothing: every run is finished
+    assert "Paired evaluation" in md and "evaluation seed 3" in md
+    # a second call trains and evaluates nothing: every run is finished and evaluated
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().out.count("done already") == 4
+    printed = capsys.readouterr().out
+    assert printed.count("done already") == 4 and "paired evaluation" not in printed
+
+
+def test_mean_ci_and_welch_difference_by_hand():
+    from scipy import stats
+
+    from tpgrpo.compare import mean_ci, welch_difference
+
+    # mean 2, sd 1, n 3: half-width t(0.975, 2) / sqrt(3) = 4.302653 / 1.732051
+    m, h = mean_ci([1.0, 2.0, 3.0])
+    assert m == pytest.approx(2.0) and h == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)
+    # equal variances 1 and n 3 each: se = sqrt(1/3 + 1/3), Welch df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4
+    d = welch_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert d["diff"] == pytest.approx(1.0)
+    assert d["half_width"] == pytest.approx(2.776445 * (2 / 3) ** 0.5, rel=1e-6)
+    assert d["p"] == pytest.approx(stats.ttest_ind([1, 2, 3], [0, 1, 2], equal_var=False).pvalue)
+    assert welch_difference([1.0], [0.0, 1.0]) is None and mean_ci([0.5])[0] == 0.5
+
+
+@pytest.mark.parametrize("paired", [{"seed": -1}, {"per_tag": 0}, {"sed": 1}, [7], {"seed": True}])
+def test_compare_spec_rejects_bad_paired_eval(tmp_path, tiny_model_path, paired):
+    with pytest.raises(ValueError, match="paired_eval"):
+        CompareSpec.load(_spec(tmp_path, tiny_model_path, paired_eval=paired))
 
 
 def test_compare_spec_errors_are_one_line(tmp_path, tiny_model_path):

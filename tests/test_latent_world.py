@@ -80,7 +80,8 @@ def test_two_stage_pretraining_resumes_exactly(tmp_path, monkeypatch):
     assert (tmp_path / "a" / "autoencoder_accuracy.txt").read_text().strip() == "0.5000"
 
 
-@pytest.mark.parametrize("preset", ["configs/diffusion_nft_latent.yaml", "configs/flow_grpo_latent.yaml"])
+@pytest.mark.parametrize("preset", ["configs/diffusion_nft_latent.yaml", "configs/flow_grpo_latent.yaml",
+                                    "configs/tpgrpo_latent.yaml", "configs/awm_latent.yaml"])
 def test_latent_presets_run_on_the_shipped_latent_model(tmp_path, preset):
     from tpgrpo.config import load_config
     from tpgrpo.trainer import Trainer
@@ -93,3 +94,20 @@ def test_latent_presets_run_on_the_shipped_latent_model(tmp_path, preset):
     summary = tr.train()
     assert summary["epoch"] == 1 and (tmp_path / "checkpoints" / "epoch_000001").is_dir()
     assert 0.0 <= summary["eval_after"]["strict"] <= 1.0
+
+
+def test_shapes_model_sits_on_model_device_and_answers_on_the_states_device():
+    """``model.device`` places the built-in model (a GPU by default where one is visible); rollout states stay on
+    the host and velocities come back there, as for SD3."""
+    from tpgrpo.config import load_config
+    from tpgrpo.models import load_model
+    from tpgrpo.models.base import default_device
+
+    assert load_model(load_config("configs/flow_grpo_latent.yaml", []).model).device == default_device()
+    model = load_model(load_config("configs/flow_grpo_latent.yaml", ["model.device=cpu"]).model)
+    assert model.device == torch.device("cpu")
+    cond = model.encode_prompts(["a red circle"])
+    v = model.raw_velocity(torch.zeros(1, 4, 8, 8), torch.tensor([0.5]), cond)
+    assert v.device == torch.device("cpu") and v.dtype == torch.float32 and v.shape == (1, 4, 8, 8)
+    with pytest.raises(ValueError, match="model.device: 'nonsense'"):
+        load_model(load_config("configs/flow_grpo_latent.yaml", ["model.device=nonsense"]).model)

@@ -212,7 +212,11 @@ def cmd_compare(args) -> int:
         _fail(str(e))
     failed = []
     if not args.report_only:
-        failed = run_all(spec, Path(args.runs_dir), jobs=args.jobs, threads=args.threads_per_run, extra=args.overrides)
+        try:
+            failed = run_all(spec, Path(args.runs_dir), jobs=args.jobs, threads=args.threads_per_run,
+                             extra=args.overrides, scale=args.scale)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(first_line(e))
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)} (their logs are in the run directories)",
                   file=sys.stderr)
@@ -287,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time")
     p.add_argument("--threads-per-run", type=_positive_int, default=1, help="torch/OpenMP threads of each run")
+    p.add_argument("--scale", type=_positive_int, default=1,
+                   help="S× the samples per update at the same number of updates (prompts per epoch and "
+                        "training.train_batch_size × S; for a GPU)")
     p.add_argument("--report-only", action="store_true", help="do not train; summarise the finished runs")
     p.set_defaults(fn=cmd_compare)
 

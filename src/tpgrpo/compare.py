@@ -51,6 +51,7 @@ class CompareSpec:
     seeds: list[int]
     common: list[str]
     reference: str
+    paired_eval: dict | None = None  # {seed, per_tag}: each finished run's paired evaluation against the base model
 
     @classmethod
     def load(cls, path: str | Path) -> "CompareSpec":
@@ -63,7 +64,7 @@ class CompareSpec:
             raise ValueError(f"{path}: not a valid YAML comparison spec ({type(e).__name__})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
-        unknown = set(raw) - {"arms", "seeds", "common", "reference"}
+        unknown = set(raw) - {"arms", "seeds", "common", "reference", "paired_eval"}
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
         if not isinstance(raw.get("arms"), dict) or not raw["arms"]:
@@ -81,7 +82,14 @@ class CompareSpec:
         reference = raw.get("reference", arms[0].name)
         if reference not in {a.name for a in arms}:
             raise ValueError(f"{path}: reference {reference!r} is not one of the arms")
-        return cls(arms, seeds, [str(o) for o in raw.get("common") or []], reference)
+        paired = raw.get("paired_eval")
+        if paired is not None:
+            if not isinstance(paired, dict) or set(paired) - {"seed", "per_tag"} or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= (1 if k == "per_tag" else 0)
+                    for k, v in paired.items()):
+                raise ValueError(f"{path}: 'paired_eval' must be {{seed: int >= 0, per_tag: int >= 1}}")
+            paired = {"seed": 0, "per_tag": 128, **paired}
+        return cls(arms, seeds, [str(o) for o in raw.get("common") or []], reference, paired)
 
     def select(self, arms: list[str] | None, seeds: list[int] | None) -> "CompareSpec":
         names = {a.name for a in self.arms}
@@ -89,7 +97,7 @@ class CompareSpec:
             if a not in names:
                 raise ValueError(f"--arms: {a!r} is not an arm of the spec ({', '.join(sorted(names))})")
         chosen = [a for a in self.arms if not arms or a.name in arms]
-        return CompareSpec(chosen, seeds or self.seeds, self.common, self.reference)
+        return CompareSpec(chosen, seeds or self.seeds, self.common, self.reference, self.paired_eval)
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -119,30 +127,64 @@ def train_command(arm: Arm, seed: int, run_dir: Path, common: list[str], extra: 
     return cmd + (["--resume"] if resume else [])
 
 
+PAIRED_EVAL = "paired_eval.json"
+
+
+def paired_eval_command(run_dir: Path, paired: dict, threads: int) -> list[str]:
+    """``tpgrpo eval --paired`` of the run's last checkpoint (EMA weights) against the base model on
+    ``per_tag`` fresh test prompts per tag with evaluation seed ``seed``; written to ``RUN/paired_eval.json``."""
+    return [sys.executable, "-m", "tpgrpo.cli", "--threads", str(threads), "eval", "-c", str(run_dir / "config.yaml"),
+            f"data.eval_seed={paired['seed']}", f"data.eval_per_tag={paired['per_tag']}", "--lora", str(run_dir),
+            "--paired", "--json", str(run_dir / PAIRED_EVAL)]
+
+
+def scaled_overrides(arm: Arm, common: list[str], extra: list[str], scale: int) -> list[str]:
+    """Overrides that multiply an arm's samples per update by ``scale`` at the same number of updates: prompts per
+    epoch and samples per optimizer step (``train_batch_size``) both × scale, as resolved from the arm's preset."""
+    if scale == 1:
+        return []
+    from .config import load_config
+
+    t = load_config(arm.config, [*common, *arm.overrides, *extra]).training
+    return [f"training.prompts_per_epoch={t.prompts_per_epoch * scale}",
+            f"training.train_batch_size={t.train_batch_size * scale}"]
+
+
 def run_all(spec: CompareSpec, runs_dir: Path, *, jobs: int = 1, threads: int = 1, extra: list[str] = (),
-            echo=print) -> list[str]:
-    """Run every missing (arm, seed); returns the names of runs that failed."""
+            scale: int = 1, echo=print) -> list[str]:
+    """Run every missing (arm, seed), at ``scale``× the samples per update; returns the names of runs that
+    failed."""
     runs_dir = Path(runs_dir)
     todo = []
     for arm in spec.arms:
+        arm_extra = [*extra, *scaled_overrides(arm, spec.common, list(extra), scale)]
         for seed in spec.seeds:
             d = runs_dir / arm.name / f"seed{seed}"
+            train = None
             if is_finished(d):
                 echo(f"done already: {arm.name} seed {seed}")
-                continue
-            resume = find_latest_checkpoint(d) is not None
-            todo.append((arm, seed, d, train_command(arm, seed, d, spec.common, list(extra), threads, resume)))
+            else:
+                resume = find_latest_checkpoint(d) is not None
+                train = train_command(arm, seed, d, spec.common, arm_extra, threads, resume)
+            evaluate = spec.paired_eval is not None and not (d / PAIRED_EVAL).is_file()
+            if train or evaluate:
+                todo.append((arm, seed, d, train, paired_eval_command(d, spec.paired_eval, threads) if evaluate else None))
 
     def one(item) -> str | None:
-        arm, seed, d, cmd = item
+        arm, seed, d, train, evaluate = item
         d.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        t0 = time.perf_counter()
-        with open(d / "train.log", "a") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        echo(f"{'finished' if rc == 0 else f'FAILED (exit {rc})'}: {arm.name} seed {seed} "
-             f"in {time.perf_counter() - t0:.0f} s (log: {d / 'train.log'})")
-        return None if rc == 0 else f"{arm.name}/seed{seed}"
+        for what, cmd, log_name in (("training", train, "train.log"), ("paired evaluation", evaluate, "paired_eval.log")):
+            if cmd is None:
+                continue
+            t0 = time.perf_counter()
+            with open(d / log_name, "a") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            echo(f"{what} {'finished' if rc == 0 else f'FAILED (exit {rc})'}: {arm.name} seed {seed} "
+                 f"in {time.perf_counter() - t0:.0f} s (log: {d / log_name})")
+            if rc:
+                return f"{arm.name}/seed{seed}"
+        return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return [f for f in pool.map(one, todo) if f]
@@ -187,6 +229,48 @@ def _seed_std(per_seed: np.ndarray) -> list[float]:
     return per_seed.std(0, ddof=1).tolist() if len(per_seed) > 1 else [0.0] * per_seed.shape[1]
 
 
+def mean_ci(x, level: float = 0.95) -> tuple[float, float]:
+    """Mean of the per-seed values and the half-width of its t confidence interval (nan for one seed)."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def welch_difference(a, b, level: float = 0.95) -> dict | None:
+    """mean(a) − mean(b) with its Welch (unequal-variance) confidence interval half-width and two-sided p."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    diff = float(a.mean() - b.mean())
+    if se == 0:
+        return {"diff": diff, "half_width": 0.0, "p": 1.0 if diff == 0 else 0.0}
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return {"diff": diff, "half_width": float(stats.t.ppf(0.5 + level / 2, df) * se),
+            "p": float(2 * stats.t.sf(abs(diff) / se, df))}
+
+
+def paired_summary(runs_dir: Path, arm: str, seeds: list[int]) -> dict | None:
+    """The runs' paired evaluations (``RUN/paired_eval.json``, written by ``tpgrpo eval --paired``): per-seed gains
+    over the base model on the same images, their standard errors, and images gained / lost."""
+    evals = {s: json.loads(p.read_text()) for s in seeds
+             if (p := Path(runs_dir) / arm / f"seed{s}" / PAIRED_EVAL).is_file()}
+    if not evals:
+        return None
+    gains = [e["gain_over_base"] for e in evals.values()]
+    return {"seeds": sorted(evals), "images": gains[0]["n"],
+            "base_strict": [e["base"]["strict"] for e in evals.values()],
+            "strict_gain": [g["strict"] for g in gains], "strict_se": [g["strict_se"] for g in gains],
+            "partial_gain": [g["partial"] for g in gains],
+            "gained": sum(g["strict_gained"] for g in gains), "lost": sum(g["strict_lost"] for g in gains)}
+
+
 def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
     from scipy import stats
 
@@ -221,6 +305,7 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
             "final_strict_per_tag": final_tag,
             "diagnostics": {k: (np.mean([d[k] for d in diags], axis=0).tolist() if diags[0].get(k) is not None
                                 else None) for k in diags[0]},
+            "paired": paired_summary(runs_dir, arm.name, sorted(curves)),
         }
     ref = arms.get(spec.reference)
     for name, a in arms.items():
@@ -239,7 +324,10 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
         if name != spec.reference and len(a["final_partial"]) > 1 and len(ref["final_partial"]) > 1:
             t = stats.ttest_ind(a["final_partial"], ref["final_partial"], equal_var=False)
             a["welch_p_vs_reference"] = float(t.pvalue)
-    return {"reference": spec.reference, "seeds": spec.seeds, "common": spec.common,
+        if name != spec.reference and a["paired"] and ref["paired"]:
+            a["paired"]["strict_gain_vs_reference"] = welch_difference(a["paired"]["strict_gain"],
+                                                                       ref["paired"]["strict_gain"])
+    return {"reference": spec.reference, "seeds": spec.seeds, "common": spec.common, "paired_eval": spec.paired_eval,
             "arms_spec": {a.name: {"config": a.config, "overrides": a.overrides} for a in spec.arms}, "arms": arms}
 
 
@@ -286,7 +374,35 @@ def markdown(summary: dict) -> str:
         dropped = f"{d['dropped_samples']:.1f}" if d.get("dropped_samples") is not None else "—"
         r_std = f"{d['train_reward_std']:.3f}" if d.get("train_reward_std") is not None else "—"
         lines.append(f"| {name} | {dropped} | {r_std} | {tp_rate} | {r_text} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired_markdown(summary)) + "\n"
+
+
+def paired_markdown(summary: dict) -> list[str]:
+    """The paired-evaluation table: strict gain over the base model per seed (± its standard error over images),
+    the mean over seeds with a 95 % t interval, and the difference from the reference arm with a 95 % Welch
+    interval."""
+    arms, ref = summary["arms"], summary["reference"]
+    rows = {n: a["paired"] for n, a in arms.items() if a.get("paired")}
+    if not rows:
+        return []
+    pe = summary.get("paired_eval") or {}
+    images = next(iter(rows.values()))["images"]
+    lines = ["", f"Paired evaluation of each run's last checkpoint (EMA) against the base model on the same {images} "
+             f"test images (evaluation seed {pe.get('seed', '?')}): strict-accuracy gain per seed ± its standard "
+             "error over images; the mean over seeds with a 95 % t interval; the difference from "
+             f"{ref}'s mean gain with a 95 % Welch interval.", "",
+             f"| arm | per seed | mean gain [95 % CI] | partial gain | images gained / lost | − {ref} [95 % CI] | p |",
+             "|---|---|---|---|---|---|---|"]
+    for name, p in rows.items():
+        per_seed = ", ".join(f"{g:+.3f} ± {se:.3f}" for g, se in zip(p["strict_gain"], p["strict_se"]))
+        m, h = mean_ci(p["strict_gain"])
+        ci = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]" if np.isfinite(h) else f"{m:+.3f}"
+        d = p.get("strict_gain_vs_reference")
+        diff = f"{d['diff']:+.3f} [{d['diff'] - d['half_width']:+.3f}, {d['diff'] + d['half_width']:+.3f}]" if d else "—"
+        pv = f"{d['p']:.3f}" if d else "—"
+        lines.append(f"| {name} | {per_seed} | {ci} | {np.mean(p['partial_gain']):+.3f} | {p['gained']} / {p['lost']} "
+                     f"| {diff} | {pv} |")
+    return lines
 
 
 def plot(summary: dict, out_dir: Path) -> list[Path]:

@@ -57,8 +57,8 @@ class ModelConfig(_Section):
                             "math stay fp32")
     resolution: int | None = Field(None, ge=16, le=8192, description="sd3/flux image size in pixels (None: the "
                                                                       "pipeline's default)")
-    device: str | None = Field(None, description="sd3/flux: torch device (None: cuda:LOCAL_RANK if available, "
-                                                 "else cpu)")
+    device: str | None = Field(None, description="torch device of the model (None: cuda:LOCAL_RANK if available, "
+                                                 "else cpu); rollout states stay on the host")
     max_sequence_length: int | None = Field(None, ge=1, le=4096, description="sd3/flux T5 tokens (None: pipeline "
                                                                              "default, 256 SD3 / 512 FLUX)")
     gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in the backward "

@@ -1,19 +1,27 @@
 """Model adapters behind one protocol (see base.py)."""
 
+import torch
+
 from .base import FlowModel, PromptEmbeds
 
 
 def load_model(model_cfg) -> FlowModel:
     """Build the configured model (``model.kind``) from ``model.path``.
 
-    shapes: a safetensors file (None: the built-in weights). sd3 / flux: a hub id or a local diffusers pipeline
+    shapes: a safetensors file (None: the built-in weights), placed on ``model.device``. sd3 / flux: a hub id or a local diffusers pipeline
     directory (``model_index.json``), loaded with ``use_safetensors=True``.
     """
     kind = model_cfg.kind
     if kind == "shapes":
         from .toy import ShapesModel
 
-        model = ShapesModel.load(model_cfg.path)
+        from .base import default_device
+
+        try:
+            device = torch.device(model_cfg.device) if model_cfg.device else default_device()
+        except RuntimeError as e:
+            raise ValueError(f"model.device: {model_cfg.device!r} is not a torch device ({e})") from None
+        model = ShapesModel.load(model_cfg.path).to(device)
         if getattr(model_cfg, "gradient_checkpointing", False):
             model.transformer.enable_gradient_checkpointing()
     elif kind in ("sd3", "flux"):

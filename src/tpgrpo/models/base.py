@@ -6,6 +6,7 @@ back in fp32 whatever the compute dtype, so that step math and log-probs are fp3
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -62,6 +63,13 @@ class FlowModel(Protocol):
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         """uint8 RGB images [B, H, W, 3] from final latents."""
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK where a GPU is visible, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
 
 
 def sigma_batch(sigma: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:

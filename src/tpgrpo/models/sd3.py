@@ -19,18 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import PromptEmbeds, apply_cfg, sigma_batch
+from .base import PromptEmbeds, apply_cfg, default_device, sigma_batch
 
 SD3_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return torch.device("cpu")
 
 
 def resolve_pretrained(path: str | os.PathLike | None, kind: str) -> str:

@@ -148,12 +148,14 @@ class ShapesModel(nn.Module):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def raw_velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: PromptEmbeds) -> torch.Tensor:
-        """One transformer call: fp32 velocity for a batch of states at noise level sigma (timestep 1000·σ)."""
-        t = sigma_batch(sigma, x.shape[0], x.device) * 1000.0
+        """One transformer call: fp32 velocity for a batch of states at noise level sigma (timestep 1000·σ), on the
+        states' device (the model may sit on a GPU while rollout states stay on the host, as for SD3)."""
+        device = self.device
+        t = sigma_batch(sigma, x.shape[0], device) * 1000.0
         with self._autocast():
-            out = self.transformer(hidden_states=x, encoder_hidden_states=cond.hidden, pooled_projections=cond.pooled,
-                                   timestep=t, return_dict=False)[0]
-        return out.float()
+            out = self.transformer(hidden_states=x.to(device), encoder_hidden_states=cond.hidden.to(device),
+                                   pooled_projections=cond.pooled.to(device), timestep=t, return_dict=False)[0]
+        return out.float().to(x.device)
 
     def velocity(self, x, sigma, cond, uncond=None, guidance_scale=1.0):
         if uncond is None or guidance_scale == 1.0:
