@@ -363,15 +363,17 @@ def test_bf16_autocast_keeps_fp32_latents_and_lora(pipeline_dirs):
 PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("compare_"))  # training presets
 
 
-def test_compare_spec_arms_are_valid_training_configs():
-    """Every arm of the shipped comparison spec resolves to a valid training config."""
-    from tpgrpo.compare import CompareSpec
+@pytest.mark.parametrize("name, epochs", [("compare_shapes", 20), ("compare_latent", 30)])
+def test_compare_spec_arms_are_valid_training_configs(name, epochs):
+    """Every arm of the shipped comparison specs resolves to a valid training config, also at 16× the samples."""
+    from tpgrpo.compare import CompareSpec, scaled_overrides
 
-    spec = CompareSpec.load(REPO / "configs" / "compare_shapes.yaml")
-    assert {"flow_grpo", "tpgrpo", "dance_grpo", "tempflow_grpo"} <= {a.name for a in spec.arms}
+    spec = CompareSpec.load(REPO / "configs" / f"{name}.yaml")
+    assert {"flow_grpo", "tpgrpo"} <= {a.name for a in spec.arms}
     for arm in spec.arms:
         cfg = load_config(REPO / arm.config, spec.common + arm.overrides)
-        assert cfg.training.epochs == 20
+        assert cfg.training.epochs == epochs
+        load_config(REPO / arm.config, spec.common + arm.overrides + scaled_overrides(arm, spec.common, [], 16))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
@@ -386,7 +388,7 @@ def test_presets_load(path):
 def test_real_model_presets_exist():
     names = {p.name for p in PRESETS}
     for fam in ("sd35m", "flux_dev"):
-        for alg in ("tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo"):
+        for alg in ("tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft", "awm"):
             assert f"{fam}_{alg}.yaml" in names
 
 
