@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/default.yaml
 
-.PHONY: install train test test-all bench compare pretrain-latent clean-venv
+.PHONY: install train test test-all bench compare compare-latent pretrain-latent clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: install
 compare: install
 	$(VENV)/bin/tpgrpo compare configs/compare_shapes.yaml --jobs 2 \
 	  --arms flow_grpo tpgrpo dance_grpo tempflow_grpo tpgrpo_def41 tpgrpo_nobalance tpgrpo_coarse3 --out docs/compare
+
+# the latent world's comparison at equal samples with paired evaluations (docs/RESULTS.md, "The latent world";
+# about 1.5 hours on 2 cores; re-running resumes/skips finished runs and evaluations)
+compare-latent: install
+	$(VENV)/bin/tpgrpo compare configs/compare_latent.yaml --jobs 2 --runs-dir runs/compare_latent \
+	  --out docs/compare_latent
 
 # the latent built-in world's base model (docs/RESULTS.md, "The latent world"): autoencoder (3,000 steps), flow model
 # (6,000 steps), then a fine-tuning stage at a lower lr (3,000 steps); every stage resumes where it stopped.
