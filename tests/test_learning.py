@@ -9,7 +9,10 @@ from tpgrpo.config import load_config
 from tpgrpo.trainer import Trainer
 
 CASES = [("flow_grpo", False), ("flow_grpo", True), ("tpgrpo", False), ("tpgrpo", True),
-         ("dance_grpo", False), ("tempflow_grpo", True), ("diffusion_nft", False), ("awm", False)]
+         ("dance_grpo", False), ("tempflow_grpo", True), ("diffusion_nft", False), ("awm", False),
+         ("mix_grpo", False), ("flow_grpo+grpo_guard", False)]
+EXTRA = {"mix_grpo": {"sampling.window_start_max": 2, "mix.shift_interval": 2},
+         "flow_grpo+grpo_guard": {"algorithm": "flow_grpo", "training.grpo_guard": True, "sampling.logprob": "gaussian"}}
 
 
 @pytest.mark.parametrize("algorithm,invert", CASES)
@@ -22,6 +25,7 @@ def test_each_method_raises_a_smooth_reward_on_the_base_model(tmp_path, algorith
         "training.sample_batch_size": 16, "training.train_batch_size": 16, "training.eval_every": 100,
         "training.checkpoint_every": 100, "tempflow.children": 2, "data.eval_per_tag": 2,
         "dance.timestep_fraction": 0.67,  # int(0.67 · 3) = 2 of the 3 window steps per trajectory
+        **EXTRA.get(algorithm, {}),
     }
     cfg = load_config("configs/default.yaml", [f"{k}={v}" for k, v in overrides.items()])
     summary = Trainer(cfg, log_trackers=False).train()

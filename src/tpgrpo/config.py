@@ -189,6 +189,10 @@ class TrainingConfig(_Section):
     recompute_old_logprobs: bool = Field(
         False, description="old log-probs from the training forward pass (one extra forward per trained transition) "
                            "instead of the rollout's: the first update's ratio is then exactly 1 on any hardware")
+    grpo_guard: bool = Field(False, description="GRPO-Guard (log-prob methods): the ratio of each step normalised "
+                                                "by its transition std and mean shift, and the step's loss × 1/Δt "
+                                                "(needs sampling.logprob: gaussian; the reference's clip ranges are "
+                                                "2e-6–4e-6)")
     global_std: bool = Field(False, description="Flow-GRPO: divide advantages by the whole epoch's reward std "
                                                 "instead of the group's (the mean stays the group's)")
     lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank (at most the smallest targeted layer width)")
@@ -290,6 +294,19 @@ class AWMConfig(_Section):
     global_std: bool = Field(True, description="advantages divide by the whole epoch's reward std; false: the group's")
 
 
+class MixConfig(_Section):
+    shift_interval: int = Field(25, ge=1, le=1_000_000, description="epochs the sliding window stays at a position "
+                                                                    "(the reference's iters_per_group: 25; Flash: 20)")
+    stride: int = Field(1, ge=0, le=MAX_STEPS, description="steps the window moves each time; it wraps from "
+                                                          "sampling.window_start_max to window_start_min; 0 freezes it "
+                                                          "(MixGRPO-Flash*)")
+    flash_ratio: float | None = Field(None, gt=0, le=1, description="MixGRPO-Flash: after the window the ODE runs "
+                                                                    "int((T − L)·ratio) σ points (L: the window's last "
+                                                                    "step) with DPM-Solver++ 2M (Flash: 0.4, Flash*: "
+                                                                    "0.2; needs sampling.spacing: linspace); None: "
+                                                                    "Euler on the full grid")
+
+
 class LoggingConfig(_Section):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers (accelerate): tensorboard writes "
@@ -301,12 +318,14 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft", "awm"] = Field(
+    algorithm: Literal["tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft", "awm",
+                       "mix_grpo"] = Field(
         "tpgrpo", description="method: tpgrpo = TP-GRPO (turning points); flow_grpo = Flow-GRPO; dance_grpo = "
                               "DanceGRPO; tempflow_grpo = TempFlow-GRPO (branching, noise-aware weights); "
                               "diffusion_nft = DiffusionNFT (ODE rollouts, forward-process loss; no window, kernel or "
                               "clip range); awm = advantage-weighted matching (ODE rollouts, PPO-clipped "
-                              "flow-matching likelihood ratio)")
+                              "flow-matching likelihood ratio); mix_grpo = MixGRPO (a window of SDE steps "
+                              "sliding over training, ODE elsewhere)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="run seed: every random choice of epoch e (prompts, window, "
                                                         "noise, shuffling) derives from (seed, e)")
     run_dir: str = Field("runs/default", min_length=1, description="directory of the run: config.yaml, "
@@ -330,6 +349,8 @@ class Config(_Section):
                                                     "noise levels (algorithm diffusion_nft)")
     awm: AWMConfig = Field(AWMConfig(), description="AWM's log-likelihood weighting and trained noise levels "
                                                     "(algorithm awm)")
+    mix: MixConfig = Field(MixConfig(), description="MixGRPO's sliding window and Flash solver (algorithm "
+                                                    "mix_grpo)")
     distributed: DistributedConfig = Field(DistributedConfig(), description="the distributed engine of a "
                                                                             "multi-process run (DDP or FSDP2)")
     logging: LoggingConfig = Field(LoggingConfig(), description="experiment trackers (tensorboard, wandb)")
@@ -346,6 +367,12 @@ class Config(_Section):
             what = "children" if self.algorithm == "tempflow_grpo" else "samples"
             raise ValueError(f"training.train_batch_size: {t.train_batch_size} does not divide the {rows} trained "
                              f"{what} of an epoch")
+        if t.grpo_guard and (self.algorithm in ("diffusion_nft", "awm") or s.logprob != "gaussian"):
+            raise ValueError("training.grpo_guard: needs a log-prob method (not diffusion_nft or awm) with "
+                             f"sampling.logprob: gaussian; got {self.algorithm} with {s.logprob}")
+        if self.algorithm == "mix_grpo" and self.mix.flash_ratio is not None and s.spacing != "linspace":
+            raise ValueError(f"mix.flash_ratio: MixGRPO-Flash's compressed grid needs sampling.spacing: linspace "
+                             f"(the reference's shifted linspace), got {s.spacing!r}")
         steps = self.tempflow.branch_steps
         if steps is not None:
             if not steps or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] >= self.sampling.num_steps - 1:

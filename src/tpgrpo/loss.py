@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["clipped_policy_loss", "kl_penalty", "grpo_step_loss"]
+__all__ = ["clipped_policy_loss", "kl_penalty", "grpo_step_loss", "guard_log_ratio", "guard_step_weight"]
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -62,6 +62,31 @@ def clipped_policy_loss(
             "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
         }
     return loss, info
+
+
+def guard_log_ratio(logp: torch.Tensor, logp_old: Any, mean: torch.Tensor, mean_old: Any, std: Any) -> torch.Tensor:
+    """GRPO-Guard's ratio normalisation (arXiv 2510.22319; yifan123/flow_grpo @ 2e2f712,
+    scripts/train_sd3_GRPO_Guard.py L915–921, with the per-sample bias of issue #244, as VeRL-Omni's
+    diffusion_algos.py L527–538)::
+
+        log r̂ = s · (log p − log p_old + mean_d((μ − μ_old)²) / (2·s²))
+
+    for Gaussian log-probs averaged over the latent dimensions with transition std ``s`` (σ_t·√Δt). With
+    ``x' = μ_old + s·ε`` this is ``mean_d(ε·(μ − μ_old))``: zero-mean, on the same scale at every step, where the plain
+    log-ratio is shifted left at low-noise steps. μ carries the gradient; ``logp_old`` and ``mean_old`` are the
+    rollout's. Returns log r̂ [B]."""
+    old = _as_tensor(logp_old).to(device=logp.device, dtype=logp.dtype).detach()
+    mu_old = _as_tensor(mean_old).to(device=mean.device, dtype=mean.dtype).detach()
+    s = _as_tensor(std).to(device=logp.device, dtype=logp.dtype)
+    s = s.reshape(-1) if s.numel() == logp.numel() else s.reshape(())
+    bias = (mean - mu_old).pow(2).flatten(1).mean(1) / (2 * s ** 2)
+    return s * (logp - old + bias)
+
+
+def guard_step_weight(sigma: float, sigma_next: float) -> float:
+    """GRPO-Guard's gradient reweighting of a step's clipped loss: ``1/Δt`` with ``Δt = σ − σ'`` (L931–932:
+    ``policy_loss / sqrt_dt²``), which evens out the steps' gradient norms."""
+    return 1.0 / (sigma - sigma_next)
 
 
 def kl_penalty(kl: Any, beta: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .models.base import FlowModel, PromptEmbeds
-from .sampling import log_prob, transition
+from .sampling import dpm_solver_2m_step, log_prob, transition
 
 
 @dataclass
@@ -39,6 +39,8 @@ class RolloutPlan:
     guidance_scale: float = 1.0
     logprob: str = "gaussian"
     max_batch: int = 256                 # states per model call (CFG doubles the rows of a call)
+    tail_sigmas: torch.Tensor | None = None  # MixGRPO-Flash: σ grid after the window (from σ_{L+1} to 0), DPM++ 2M
+    keep_means: bool = False             # GRPO-Guard: keep each window transition's Gaussian mean
 
     @property
     def num_steps(self) -> int:
@@ -58,6 +60,7 @@ class Rollout:
     child_next_latents: torch.Tensor | None = None   # [N, W, C, *latent]: children's states after their SDE step
     child_log_probs: torch.Tensor | None = None      # [N, W, C]
     child_final_latents: torch.Tensor | None = None  # [N, W, C, *latent]: children finished with the ODE
+    transition_means: torch.Tensor | None = None     # [N, W, *latent]: mean of each window transition (keep_means)
     state_evaluations: int = 0              # velocity evaluations of single states (CFG pairs count once)
     model_calls: int = 0                    # batched forward invocations (before chunking)
     fork_paths: list[list[int]] = field(default_factory=list)
@@ -97,6 +100,19 @@ def _draw(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torc
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+def _dpm_tail(model, x, v, tail: list[float], history, cond, uncond, plan: RolloutPlan, call_rows: list[int]):
+    """The main trajectory from σ = tail[0] (its velocity ``v`` already evaluated) to 0 with DPM-Solver++ 2M;
+    ``history`` = (x̂0, σ) of the previous step. Returns the final states, state evaluations and model calls."""
+    x0_prev, s_prev = history
+    evals = calls = 0
+    for j in range(len(tail) - 1):
+        if j:
+            v = _velocity(model, x, tail[j], cond, uncond, plan.guidance_scale, plan.max_batch, call_rows)
+            evals, calls = evals + x.shape[0], calls + 1
+        x, x0_prev, s_prev = dpm_solver_2m_step(x, v, tail[j], tail[j + 1], x0_prev, s_prev), x - tail[j] * v, tail[j]
+    return x, evals, calls
+
+
 @dataclass
 class _Fork:
     """States that continue with the ODE along ``path`` (main-schedule indices; path[0] = current σ index)."""
@@ -119,6 +135,10 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
     if plan.fork_window_states and window != list(range(window[0], window[0] + len(window))):
         raise ValueError(f"window {window}: TP-GRPO forks need consecutive window steps")
     C = plan.branch_children
+    tail = None if plan.tail_sigmas is None or not window else plan.tail_sigmas.tolist()
+    if tail is not None and (plan.fork_window_states or C or abs(tail[0] - sig[window[-1] + 1]) > 1e-6
+                             or tail[-1] != 0.0):
+        raise ValueError("tail_sigmas: must run from the σ after the window to 0, without forks or children")
     n = initial_noise.shape[0]
     shape = tuple(initial_noise.shape[1:])
     x = initial_noise.float().clone()
@@ -127,6 +147,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
     log_probs = torch.zeros(n, len(window))
     child_next = torch.zeros(n, len(window), C, *shape) if C else None
     child_logp = torch.zeros(n, len(window), C) if C else None
+    means = torch.zeros(n, len(window), *shape) if plan.keep_means else None
     evals, calls = 0, 0
     forks: dict[int, _Fork] = {}           # live forks by key (window position k; children: k + len(window))
     finished: dict[int, torch.Tensor] = {}
@@ -135,6 +156,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
     call_rows: list[int] = []
     lockstep = plan.completion == "lockstep"
     everyone = torch.arange(n)
+    history: tuple = (None, None)  # (x̂0, σ) of the previous main step (MixGRPO-Flash's DPM++ 2M)
 
     def advance(key: int, f: _Fork, v: torch.Tensor, i: int) -> None:
         """ODE step of fork ``f`` from σ_i (= σ_{path[0]}) to σ_{path[1]}."""
@@ -160,6 +182,11 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
             m = forks[k].lat.shape[0]
             advance(k, forks[k], v_all[lo:lo + m], i)
             lo += m
+        if tail is not None and i == window[-1] + 1:  # MixGRPO-Flash: the rest on the compressed grid
+            x, e, c = _dpm_tail(model, x, v, tail, history, cond, uncond, plan, call_rows)
+            evals, calls = evals + e, calls + c
+            break
+        history = (x - sig[i] * v, sig[i])  # this step's data prediction x̂0 = x − σ·v (DPM++ 2M history)
         if i not in w_pos:
             x = x - (sig[i] - sig[i + 1]) * v
             continue
@@ -176,6 +203,8 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
             owner = everyone.repeat_interleave(C)
             mean, std = transition(plan.kernel, x[owner], v[owner], sig[i], sig[i + 1], plan.noise_level)
             nxt = mean + std * _draw([generators[o] for o in owner.tolist()], shape)
+            if means is not None:  # every child of a state has the same transition mean
+                means[:, k] = mean.view(n, C, *shape)[:, 0]
             child_next[:, k] = nxt.view(n, C, *shape)
             child_logp[:, k] = log_prob(nxt, mean, std, plan.logprob).view(n, C)
             path = completion_path(i + 1, T, plan.completion_steps)
@@ -184,6 +213,8 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
             x = x - (sig[i] - sig[i + 1]) * v  # the main trajectory itself stays on the ODE
         else:
             mean, std = transition(plan.kernel, x, v, sig[i], sig[i + 1], plan.noise_level)
+            if means is not None:
+                means[:, k] = mean
             x = mean + std * _draw(generators, shape)
             log_probs[:, k] = log_prob(x, mean, std, plan.logprob)
         next_latents.append(x)
@@ -211,6 +242,7 @@ def sample_rollout(model: FlowModel, plan: RolloutPlan, cond: PromptEmbeds, unco
         child_log_probs=child_logp,
         child_final_latents=(torch.stack([finished[W + k].view(n, C, *shape) for k in range(W)], dim=1)
                              if C else None),
+        transition_means=means,
         state_evaluations=evals,
         model_calls=calls,
         fork_paths=[fork_paths[k] for k in sorted(fork_paths)],

@@ -37,6 +37,7 @@ __all__ = [
     "log_prob",
     "kl_to_reference",
     "is_stochastic",
+    "dpm_solver_2m_step",
 ]
 
 #: Step kernels (DESIGN.md §2).
@@ -388,3 +389,26 @@ def is_stochastic(kind: str, sigma_next: Any, noise_level: float) -> bool:
     if kind == "ode" or noise_level == 0:
         return False
     return bool((_as_fp32(sigma_next) > 0).all())
+
+
+def dpm_solver_2m_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
+                       x0_prev: torch.Tensor | None = None, sigma_prev: float | None = None) -> torch.Tensor:
+    """One step of the second-order multistep DPM-Solver++ (2M, midpoint form) in flow-matching terms, from σ to σ'.
+
+    With the data prediction ``x̂0 = x − σ·v``, ``λ(σ) = ln((1 − σ)/σ)``, ``h = λ(σ') − λ(σ)``, ``h₀ = λ(σ) − λ(σ₋)``
+    (σ₋: the previous node, whose data prediction is ``x0_prev``) and ``r₀ = h₀/h``::
+
+        x' = (σ'/σ)·x + (1 − σ'/σ)·(x̂0 + (x̂0 − x0_prev)/(2·r₀))
+           = x − (σ − σ')·v + (1 − σ'/σ)·(x̂0 − x0_prev)/(2·r₀)
+
+    (Lu et al. 2022, DPM-Solver++ Alg. 2, with α = 1 − σ; MixGRPO's ``fastvideo/utils/sampling_utils.py`` L449–526).
+    Without history (``x0_prev`` None, or σ₋ = 1 where λ = −∞) and on the last step to σ' = 0 it is first order: the
+    Euler step ``x − (σ − σ')·v``. fp32.
+    """
+    x, v = x.float(), v.float()
+    euler = x - (sigma - sigma_next) * v
+    if x0_prev is None or sigma_prev is None or sigma_prev >= 1.0 or sigma_next <= 0.0:
+        return euler
+    lam = lambda s: math.log((1.0 - s) / s)  # noqa: E731
+    r0 = (lam(sigma) - lam(sigma_prev)) / (lam(sigma_next) - lam(sigma))
+    return euler + (1.0 - sigma_next / sigma) * ((x - sigma * v) - x0_prev.float()) / (2.0 * r0)

@@ -40,7 +40,7 @@ from .ema import EMA
 from .engine import Engine, bytes_held
 from .evaluation import evaluate, save_eval_grid
 from .export import add_lora, make_reference, prepare_full_finetune
-from .loss import grpo_step_loss
+from .loss import grpo_step_loss, guard_log_ratio, guard_step_weight
 from .methods import Credit, ScoredRollout, build_method
 from .models import load_model, model_sigmas
 from .models.base import PromptEmbeds, encode_each
@@ -89,6 +89,7 @@ class EpochBatch:
     step_weights: torch.Tensor | None = None  # [W]
     train_mask: torch.Tensor | None = None    # [M, W]
     row_offset: int = 0
+    old_means: torch.Tensor | None = None     # [m, W, *latent] rollout transition means (GRPO-Guard)
 
 
 class Trainer:
@@ -189,7 +190,7 @@ class Trainer:
         """Refuse, before any sampling, an epoch whose stored latents cannot fit in this machine's memory."""
         import psutil
 
-        s, t = self.cfg.sampling, self.cfg.training
+        s = self.cfg.sampling
         latent = int(np.prod(self.model.latent_shape()))
         tempflow = self.cfg.algorithm == "tempflow_grpo"
         W = len(self.cfg.tempflow.branch_steps) if tempflow and self.cfg.tempflow.branch_steps else s.window_size
@@ -264,7 +265,10 @@ class Trainer:
         rng = random.Random(_seed_for(cfg.seed, epoch, 1))
         prompts = self.train_source.sample(rng, cfg.training.prompts_per_epoch, cfg.data.tag_weights)
         s = cfg.sampling
-        start = rng.randint(s.window_start_min, s.window_start_max)
+        if hasattr(self.method, "window_start"):  # MixGRPO's sliding window
+            start = self.method.window_start(epoch)
+        else:
+            start = rng.randint(s.window_start_min, s.window_start_max)
         return prompts, list(range(start, start + s.window_size))
 
     def epoch_inputs(self, epoch: int):
@@ -319,22 +323,25 @@ class Trainer:
         rng = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, 4))
         credit = self.credit(scored, group_ids, microbatch_ids, window, rng)
         t_credit = time.perf_counter() - t0
+        guard = self.cfg.training.grpo_guard
         if self.method.rows == "children":
             C = cat("child_log_probs").shape[-1]
             states = cat("window_latents").repeat_interleave(C, 0)
             next_states = cat("child_next_latents").transpose(1, 2).flatten(0, 1)
             log_probs = cat("child_log_probs").transpose(1, 2).flatten(0, 1)
+            old_means = cat("transition_means").repeat_interleave(C, 0) if guard else None
             row_prompts = [p for p in prompts[lo:hi] for _ in range(C)]
             row_offset = lo * C  # row n·C + c is child c of sample n
         elif self.forward_process:  # the clean samples x0 as the single "state" of each row
             states, row_prompts, row_offset = cat("final_latents")[:, None], prompts[lo:hi], lo
-            next_states, log_probs = states[:, :0], torch.zeros(len(states), 0)
+            next_states, log_probs, old_means = states[:, :0], torch.zeros(len(states), 0), None
         else:
             states, next_states, log_probs, row_prompts = (cat("window_latents"), cat("next_latents"),
                                                            cat("log_probs"), prompts[lo:hi])
+            old_means = cat("transition_means") if guard else None
             row_offset = lo
         batch = EpochBatch(row_prompts, window, states, next_states, log_probs, credit.advantages.float(),
-                           credit.step_weights, credit.train_mask, row_offset)
+                           credit.step_weights, credit.train_mask, row_offset, old_means)
         combined = sum(w * main[k] for k, w in self.reward_weights.items())
         info = {
             "reward_mean": float(combined.mean()), "reward_std": float(combined.std(unbiased=False)),
@@ -420,7 +427,8 @@ class Trainer:
         return RolloutPlan(sigmas=self.sigmas, kernel=s.kernel, noise_level=s.noise_level, window=window,
                            completion=completion or cfg.tpgrpo.completion, completion_steps=cfg.tpgrpo.completion_steps,
                            guidance_scale=s.guidance_scale, logprob=s.logprob, max_batch=cfg.training.max_batch,
-                           **self.method.engine_options)
+                           keep_means=cfg.training.grpo_guard, **self.method.engine_options,
+                           **(self.method.plan_options(window) if hasattr(self.method, "plan_options") else {}))
 
     def rollouts(self, prompts: list[str], window: list[int], noise: torch.Tensor, gens, completion: str | None = None):
         """The epoch's trajectories, one sampling micro-batch (``sample_batch_size``) at a time."""
@@ -433,8 +441,9 @@ class Trainer:
 
     def _step_terms(self, batch: EpochBatch, idx: torch.Tensor, w: int, cond: PromptEmbeds, uncond: PromptEmbeds,
                     *, with_kl: bool = True, trained: bool = True):
-        """log-prob under the current policy (with grad) and the KL to the reference for window step w. ``trained``:
-        a term of the training pass (with DDP its forward goes through the DDP module)."""
+        """log-prob under the current policy (with grad), the KL to the reference and the transition's Gaussian mean
+        and std for window step w. ``trained``: a term of the training pass (with DDP its forward goes through the DDP
+        module)."""
         s, t = self.cfg.sampling, self.cfg.training
         i = batch.window[w]
         x = batch.states[idx, w]
@@ -451,7 +460,7 @@ class Trainer:
                 mean_ref, _ = transition(s.kernel, x, v_ref, sig, sig_next, s.noise_level)
             kl_std = std if t.kl_variance == "transition" else noise_scale(s.kernel, sig, sig_next, s.noise_level)
             kl = kl_to_reference(mean, mean_ref, kl_std)
-        return logp, kl
+        return logp, kl, mean, std
 
     def _micro_batches(self, batch: EpochBatch, kept: torch.Tensor, epoch: int, inner: int):
         """The global train micro-batches of one inner epoch (the same on every process): ``(start, idx, mine)`` with
@@ -511,10 +520,12 @@ class Trainer:
                 uncond = self.uncond_for(len(mine))
                 for w, rows in self._active_steps(batch, mine):
                     local = mine[rows] - batch.row_offset
-                    logp, _ = self._step_terms(batch, local, w, cond.index(rows),
-                                               None if uncond is None else uncond.index(rows), with_kl=False,
-                                               trained=False)
+                    logp, _, mean, _ = self._step_terms(batch, local, w, cond.index(rows),
+                                                        None if uncond is None else uncond.index(rows), with_kl=False,
+                                                        trained=False)
                     batch.log_probs[local, w] = logp.detach().to(batch.log_probs.dtype)
+                    if batch.old_means is not None:
+                        batch.old_means[local, w] = mean.detach()
                     seen[local, w] = True
         self.model.transformer.eval()
         dev = (torch.exp(batch.log_probs[seen] - rollout[seen]) - 1).abs()
@@ -565,9 +576,16 @@ class Trainer:
                         c, u = cond.index(rows), None if uncond is None else uncond.index(rows)
                     local = sub - batch.row_offset
                     with self.engine.accumulate(sync=k == len(terms) - 1):
-                        logp, kl = self._step_terms(batch, local, w, c, u)
+                        logp, kl, mean, std = self._step_terms(batch, local, w, c, u)
+                        logp_old = batch.log_probs[local, w]
                         weights = None if batch.step_weights is None else batch.step_weights[w].expand(len(sub))
-                        loss, li = grpo_step_loss(logp, batch.log_probs[local, w], batch.advantages[sub, w],
+                        if t.grpo_guard:  # the normalised log-ratio against 0, the step's loss × 1/Δt
+                            logp = guard_log_ratio(logp, logp_old, mean, batch.old_means[local, w], std)
+                            logp_old = torch.zeros_like(logp_old)
+                            step = batch.window[w]
+                            dt_w = guard_step_weight(float(self.sigmas[step]), float(self.sigmas[step + 1]))
+                            weights = dt_w * (torch.ones(len(sub)) if weights is None else weights)
+                        loss, li = grpo_step_loss(logp, logp_old, batch.advantages[sub, w],
                                                   t.clip_range, kl=kl, beta=t.beta, adv_clip_max=t.adv_clip_max,
                                                   weights=weights, term_weights=term_weights)
                         loss = loss * (weight * len(sub) / len(idx))  # this process's share of the micro-batch mean

@@ -6,11 +6,13 @@ from .base import Credit, Method, ScoredRollout
 from .dance_grpo import DanceGRPO
 from .diffusion_nft import DiffusionNFT
 from .flow_grpo import FlowGRPO
+from .mix_grpo import MixGRPO
 from .tempflow_grpo import TempFlowGRPO
 from .tp_grpo import TPGRPO
 
 METHODS: dict[str, type] = {"tpgrpo": TPGRPO, "flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO,
-                            "tempflow_grpo": TempFlowGRPO, "diffusion_nft": DiffusionNFT, "awm": AWM}
+                            "tempflow_grpo": TempFlowGRPO, "diffusion_nft": DiffusionNFT, "awm": AWM,
+                            "mix_grpo": MixGRPO}
 
 
 def build_method(name: str, cfg) -> Method:
