@@ -388,7 +388,8 @@ def test_presets_load(path):
 def test_real_model_presets_exist():
     names = {p.name for p in PRESETS}
     for fam in ("sd35m", "flux_dev"):
-        for alg in ("tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft", "awm"):
+        for alg in ("tpgrpo", "flow_grpo", "dance_grpo", "tempflow_grpo", "diffusion_nft", "awm", "mix_grpo",
+                    "grpo_guard"):
             assert f"{fam}_{alg}.yaml" in names
 
 

@@ -168,13 +168,15 @@ def run_all(spec: CompareSpec, runs_dir: Path, *, jobs: int = 1, threads: int = 
                 train = train_command(arm, seed, d, spec.common, arm_extra, threads, resume)
             evaluate = spec.paired_eval is not None and not (d / PAIRED_EVAL).is_file()
             if train or evaluate:
-                todo.append((arm, seed, d, train, paired_eval_command(d, spec.paired_eval, threads) if evaluate else None))
+                evaluation = paired_eval_command(d, spec.paired_eval, threads) if evaluate else None
+                todo.append((arm, seed, d, train, evaluation))
 
     def one(item) -> str | None:
         arm, seed, d, train, evaluate = item
         d.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        for what, cmd, log_name in (("training", train, "train.log"), ("paired evaluation", evaluate, "paired_eval.log")):
+        for what, cmd, log_name in (("training", train, "train.log"),
+                                    ("paired evaluation", evaluate, "paired_eval.log")):
             if cmd is None:
                 continue
             t0 = time.perf_counter()
@@ -387,18 +389,21 @@ def paired_markdown(summary: dict) -> list[str]:
         return []
     pe = summary.get("paired_eval") or {}
     images = next(iter(rows.values()))["images"]
-    lines = ["", f"Paired evaluation of each run's last checkpoint (EMA) against the base model on the same {images} "
+    lines = ["", "Paired evaluation of each run's last checkpoint (EMA) against the base model on the same "
+             f"{images} "
              f"test images (evaluation seed {pe.get('seed', '?')}): strict-accuracy gain per seed ± its standard "
              "error over images; the mean over seeds with a 95 % t interval; the difference from "
              f"{ref}'s mean gain with a 95 % Welch interval.", "",
-             f"| arm | per seed | mean gain [95 % CI] | partial gain | images gained / lost | − {ref} [95 % CI] | p |",
+             "| arm | per seed | mean gain [95 % CI] | partial gain | images gained / lost | "
+             f"− {ref} [95 % CI] | p |",
              "|---|---|---|---|---|---|---|"]
     for name, p in rows.items():
         per_seed = ", ".join(f"{g:+.3f} ± {se:.3f}" for g, se in zip(p["strict_gain"], p["strict_se"]))
         m, h = mean_ci(p["strict_gain"])
         ci = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]" if np.isfinite(h) else f"{m:+.3f}"
         d = p.get("strict_gain_vs_reference")
-        diff = f"{d['diff']:+.3f} [{d['diff'] - d['half_width']:+.3f}, {d['diff'] + d['half_width']:+.3f}]" if d else "—"
+        diff = (f"{d['diff']:+.3f} [{d['diff'] - d['half_width']:+.3f}, {d['diff'] + d['half_width']:+.3f}]"
+                if d else "—")
         pv = f"{d['p']:.3f}" if d else "—"
         lines.append(f"| {name} | {per_seed} | {ci} | {np.mean(p['partial_gain']):+.3f} | {p['gained']} / {p['lost']} "
                      f"| {diff} | {pv} |")
