@@ -82,7 +82,8 @@ def test_two_stage_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("preset", ["configs/diffusion_nft_latent.yaml", "configs/flow_grpo_latent.yaml",
                                     "configs/tpgrpo_latent.yaml", "configs/awm_latent.yaml",
-                                    "configs/mix_grpo_latent.yaml", "configs/flow_grpo_guard_latent.yaml"])
+                                    "configs/mix_grpo_latent.yaml", "configs/flow_grpo_guard_latent.yaml",
+                                    "configs/dance_grpo_latent.yaml", "configs/tempflow_grpo_latent.yaml"])
 def test_latent_presets_run_on_the_shipped_latent_model(tmp_path, preset):
     from tpgrpo.config import load_config
     from tpgrpo.trainer import Trainer
