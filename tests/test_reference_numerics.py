@@ -83,7 +83,7 @@ def test_kl_variance_setting_reaches_the_trainer(tiny_model_path, tmp_path):
             for p in tr.trainable:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
         idx = torch.arange(len(batch.prompts))
-        _, kl = tr._step_terms(batch, idx, 0, tr.embed(batch.prompts), tr.uncond.expand(len(idx)))
+        _, kl, _, _ = tr._step_terms(batch, idx, 0, tr.embed(batch.prompts), tr.uncond.expand(len(idx)))
         kls[kind] = kl.detach()
         i = batch.window[0]
         delta = float(tr.sigmas[i] - tr.sigmas[i + 1])

@@ -52,7 +52,7 @@ def test_rollout_logprobs_match_the_training_forward_within_float32_rounding(tin
     cond, uncond = tr.embed(batch.prompts), tr.uncond.expand(len(idx))
     with torch.no_grad():
         for w in range(len(batch.window)):
-            logp, _ = tr._step_terms(batch, idx, w, cond, uncond)
+            logp, *_ = tr._step_terms(batch, idx, w, cond, uncond)
             assert (torch.exp(logp - batch.log_probs[:, w]) - 1).abs().max() < ROLLOUT_TRAINING_TOL
     info = tr.optimise(batch, 1)  # the first update is on-policy: its deviation is the mismatch, and it is logged
     assert 0.0 <= info["first_update_ratio_max_dev"] < ROLLOUT_TRAINING_TOL
