@@ -40,3 +40,14 @@ def tiny_overrides(model_path, run_dir, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def full_and_resumed(make, tmp_path, epochs: int, stop: int):
+    """Train one run for ``epochs`` epochs, and another stopped after ``stop`` epochs and resumed to ``epochs``;
+    ``make(run_dir, resume=None, **overrides)`` builds a Trainer. Returns (full, resumed), both trained."""
+    full = make(tmp_path / "full", **{"training.epochs": epochs})
+    full.train()
+    make(tmp_path / "part", **{"training.epochs": stop}).train()
+    resumed = make(tmp_path / "part", resume=True, **{"training.epochs": epochs})
+    resumed.train()
+    return full, resumed

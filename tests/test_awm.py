@@ -3,11 +3,12 @@ against a transcription of Flow-Factory's definition, the gradient's direction, 
 resume. (The brightness learning check is in tests/test_learning.py.)"""
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import full_and_resumed, tiny_overrides
 from tpgrpo.config import load_config
 from tpgrpo.methods.awm import awm_loss, matching_logprob
 from tpgrpo.trainer import Trainer
@@ -83,12 +84,7 @@ def test_first_update_is_on_policy_and_resume_is_exact(tiny_model_path, tmp_path
     batch, _ = tr.collect(1)
     info = tr.optimise(batch, 1)
     assert info["grad_norm"] > 0 and info["old_deviate"] > 0
-    full = _trainer(tiny_model_path, tmp_path / "full", **{"training.epochs": 3})
-    full.train()
-    part = _trainer(tiny_model_path, tmp_path / "part", **{"training.epochs": 2})
-    part.train()
-    resumed = _trainer(tiny_model_path, tmp_path / "part", resume=True, **{"training.epochs": 3})
-    resumed.train()
+    full, resumed = full_and_resumed(partial(_trainer, tiny_model_path), tmp_path, epochs=3, stop=2)
     a, b = full.lora_state(), resumed.lora_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
     recs = [json.loads(ln) for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]

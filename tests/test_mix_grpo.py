@@ -4,11 +4,12 @@ tests/test_learning.py.)"""
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import full_and_resumed, tiny_overrides
 from tpgrpo.config import load_config
 from tpgrpo.methods.mix_grpo import MixGRPO, compressed_tail, sliding_window_start
 from tpgrpo.rollout import RolloutPlan, initial_noise, make_generators, sample_rollout
@@ -138,13 +139,8 @@ def _trainer(model, run, resume=None, **extra):
 
 
 def test_the_window_slides_over_epochs_and_resume_is_exact(tiny_model_path, tmp_path):
-    full = _trainer(tiny_model_path, tmp_path / "full", **{"training.epochs": 3})
-    full.train()
-    recs = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["window_start"] for r in recs if "window_start" in r] == [0, 1, 2]
-    part = _trainer(tiny_model_path, tmp_path / "part", **{"training.epochs": 2})
-    part.train()
-    resumed = _trainer(tiny_model_path, tmp_path / "part", resume=True, **{"training.epochs": 3})
-    resumed.train()
+    full, resumed = full_and_resumed(partial(_trainer, tiny_model_path), tmp_path, epochs=3, stop=2)
     a, b = full.lora_state(), resumed.lora_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["window_start"] for r in recs if "window_start" in r] == [0, 1, 2]
