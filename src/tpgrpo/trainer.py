@@ -195,7 +195,8 @@ class Trainer:
         tempflow = self.cfg.algorithm == "tempflow_grpo"
         W = len(self.cfg.tempflow.branch_steps) if tempflow and self.cfg.tempflow.branch_steps else s.window_size
         C = self.cfg.tempflow.children if tempflow else 0
-        per_sample = (2 * W + 2 + (W + 1) + 2 * W * C) * latent * 4  # states, next states, finals, forks, children
+        guard = W if self.cfg.training.grpo_guard else 0  # GRPO-Guard's transition means
+        per_sample = (2 * W + 2 + (W + 1) + 2 * W * C + guard) * latent * 4  # states, next, finals, forks, children
         need = self.cfg.samples_per_epoch * per_sample / dist.world_size()
         have = psutil.virtual_memory().total
         if need > fraction * have:
