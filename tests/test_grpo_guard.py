@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import full_and_resumed, tiny_overrides
 from tpgrpo.config import load_config
 from tpgrpo.loss import clipped_policy_loss, guard_log_ratio, guard_step_weight
 from tpgrpo.sampling import log_prob
@@ -95,3 +95,15 @@ def test_the_trainer_trains_the_guarded_loss_on_policy(tiny_model_path, tmp_path
     assert info["first_update_ratio_max_dev"] < 1e-5 and math.isfinite(info["loss"])
     after = tr.lora_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_with_the_guard_is_exact(tiny_model_path, tmp_path):
+    def make(run, resume=None, **extra):
+        ov = {"algorithm": "flow_grpo", "training.grpo_guard": True, "sampling.kernel": "sde",
+              "reward.name": "jpeg_compressibility", "training.clip_range": 1e-3, **extra}
+        return Trainer(load_config(None, tiny_overrides(tiny_model_path, run, **ov)), resume=resume,
+                       log_trackers=False)
+
+    full, resumed = full_and_resumed(make, tmp_path, epochs=3, stop=2)
+    a, b = full.lora_state(), resumed.lora_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
