@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-CONFIG ?= configs/default.yaml
+CONFIG ?= configs/tpgrpo_latent.yaml
 
 .PHONY: install train test test-all bench compare compare-latent pretrain-latent clean-venv
 
@@ -30,7 +30,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(VENV)/bin/tpgrpo bench --config configs/tpgrpo_shapes.yaml --out docs/bench.json
+	$(VENV)/bin/tpgrpo bench --config configs/tpgrpo_latent.yaml --out docs/bench.json
 
 # the four-method comparison of docs/RESULTS.md (about an hour on 2 cores; re-running resumes/skips finished runs)
 compare: install

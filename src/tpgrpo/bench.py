@@ -77,10 +77,10 @@ def _bare_call_times(trainer: Trainer, rows: set[int], repeats: int) -> dict[int
 
 
 #: Presets whose sampling settings each method's benchmark uses (the given config is used for TP-GRPO).
-METHOD_PRESETS = {"flow_grpo": "configs/flow_grpo_shapes.yaml", "dance_grpo": "configs/dance_grpo_shapes.yaml",
-                  "tempflow_grpo": "configs/tempflow_grpo_shapes.yaml",
-                  "diffusion_nft": "configs/diffusion_nft_shapes.yaml", "awm": "configs/awm_shapes.yaml",
-                  "mix_grpo": "configs/mix_grpo_shapes.yaml", "flow_grpo_guard": "configs/flow_grpo_guard_shapes.yaml"}
+METHOD_PRESETS = {"flow_grpo": "configs/flow_grpo_latent.yaml", "dance_grpo": "configs/dance_grpo_latent.yaml",
+                  "tempflow_grpo": "configs/tempflow_grpo_latent.yaml",
+                  "diffusion_nft": "configs/diffusion_nft_latent.yaml", "awm": "configs/awm_latent.yaml",
+                  "mix_grpo": "configs/mix_grpo_latent.yaml", "flow_grpo_guard": "configs/flow_grpo_guard_latent.yaml"}
 LABELS = {"tpgrpo": "TP-GRPO", "flow_grpo": "Flow-GRPO", "dance_grpo": "DanceGRPO", "tempflow_grpo": "TempFlow-GRPO",
           "diffusion_nft": "DiffusionNFT", "awm": "AWM", "mix_grpo": "MixGRPO",
           "flow_grpo_guard": "Flow-GRPO + GRPO-Guard"}

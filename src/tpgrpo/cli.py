@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("compare", help="run methods × seeds at equal epochs and write a comparison report")
-    p.add_argument("spec", nargs="?", default="configs/compare_shapes.yaml", help="comparison spec (YAML)")
+    p.add_argument("spec", nargs="?", default="configs/compare_latent.yaml", help="comparison spec (YAML)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides for every run")
     p.add_argument("--runs-dir", default="runs/compare", help="where the runs go (one directory per arm and seed)")
     p.add_argument("--out", default="runs/compare/report", help="where summary.json, compare.md and plots go")
