@@ -17,6 +17,11 @@ test reward (partial credit) and strict accuracy against epoch and against train
 the epochs' ``time_epoch``; evaluation time excluded), means and sample standard deviations over seeds, the gain over
 the base model, a Welch t-test of each arm's final reward against the reference's, and the epochs and seconds each
 arm needs to reach the reference's final mean. Outputs: ``summary.json``, ``compare.md`` and two PNG figures.
+
+With ``paired_eval: {seed: S, per_tag: N}`` each finished run's last checkpoint is also evaluated against the base
+model on the same 6·N test images (``tpgrpo eval --paired``, ``RUN/paired_eval.json``), and the report gives each
+arm's gains with a 95 % t interval over seeds and its difference from the reference with a 95 % Welch interval.
+``--scale S`` multiplies every arm's samples per update (prompts per epoch and ``train_batch_size``) by S.
 """
 
 from __future__ import annotations
