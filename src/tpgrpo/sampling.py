@@ -28,6 +28,7 @@ __all__ = [
     "LOGPROB_KINDS",
     "SPACINGS",
     "sigma_schedule",
+    "static_shift",
     "flux_mu",
     "timestep_from_sigma",
     "transition",
@@ -56,6 +57,12 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 #: σ spacings before the shift (DESIGN.md §2): the scheduler's default, the FLUX pipeline's, DanceGRPO's.
 SPACINGS = ("scheduler", "flux_pipeline", "linspace")
+
+
+def static_shift(sigma: Any, shift: float) -> Any:
+    """SD3's static time shift ``σ ↦ shift·σ / (1 + (shift − 1)·σ)`` (diffusers ``FlowMatchEulerDiscreteScheduler``,
+    DanceGRPO's ``sd3_time_shift``), elementwise on a float, array or tensor."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = None,
@@ -94,7 +101,7 @@ def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = Non
 
     if spacing == "linspace":
         grid = torch.linspace(1, 0, int(num_steps) + 1)
-        return (shift * grid) / (1 + (shift - 1) * grid)
+        return static_shift(grid, shift)
 
     if spacing == "flux_pipeline":
         sigmas = np.linspace(1.0, 1 / num_steps, int(num_steps)).astype(np.float32)
@@ -102,13 +109,13 @@ def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = Non
         # Scheduler __init__: training sigmas t/1000 (fp32), statically shifted unless dynamic shifting is on.
         train_ends = torch.tensor([float(_NUM_TRAIN_TIMESTEPS), 1.0], dtype=torch.float32) / _NUM_TRAIN_TIMESTEPS
         if mu is None:
-            train_ends = shift * train_ends / (1 + (shift - 1) * train_ends)
+            train_ends = static_shift(train_ends, shift)
         sigma_max, sigma_min = train_ends[0].item(), train_ends[1].item()
         # set_timesteps: evenly spaced timesteps (float64), back to sigmas.
         sigmas = np.linspace(sigma_max * _NUM_TRAIN_TIMESTEPS, sigma_min * _NUM_TRAIN_TIMESTEPS,
                              int(num_steps)) / _NUM_TRAIN_TIMESTEPS
     if mu is None:
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        sigmas = static_shift(sigmas, shift)
     else:
         sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
     sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..advantages import group_advantages
+from ..sampling import static_shift
 from .base import Credit, ScoredRollout
 
 
@@ -38,8 +39,7 @@ def compressed_tail(num_steps: int, shift: float, last_window_step: int, ratio: 
     ``shift(linspace(1 − (L + 1)/T, 0, n))``. The reference uses ``max(·, 1)``, which for n = 1 would stop at
     σ_{L+1} > 0 and decode a noisy image; at least one step is taken here."""
     n = int(max((num_steps - last_window_step) * ratio, 2))
-    t = torch.linspace(1 - (last_window_step + 1) / num_steps, 0, n)
-    return shift * t / (1 + (shift - 1) * t)
+    return static_shift(torch.linspace(1 - (last_window_step + 1) / num_steps, 0, n), shift)
 
 
 class MixGRPO:

@@ -8,14 +8,13 @@ from .base import FlowModel, PromptEmbeds
 def load_model(model_cfg) -> FlowModel:
     """Build the configured model (``model.kind``) from ``model.path``.
 
-    shapes: a safetensors file (None: the built-in weights), placed on ``model.device``. sd3 / flux: a hub id or a local diffusers pipeline
-    directory (``model_index.json``), loaded with ``use_safetensors=True``.
+    shapes: a safetensors file (None: the built-in weights), placed on ``model.device``. sd3 / flux: a hub id or a
+    local diffusers pipeline directory (``model_index.json``), loaded with ``use_safetensors=True``.
     """
     kind = model_cfg.kind
     if kind == "shapes":
-        from .toy import ShapesModel
-
         from .base import default_device
+        from .toy import ShapesModel
 
         try:
             device = torch.device(model_cfg.device) if model_cfg.device else default_device()
