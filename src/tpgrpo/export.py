@@ -100,6 +100,19 @@ def make_reference(model, *, copy_weights: bool | None = None) -> Callable:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
+def trained_lora_settings(checkpoint_dir: str | Path, lora: dict[str, torch.Tensor], cfg) -> tuple[int, float]:
+    """The (rank, alpha) a checkpoint's LoRA was trained with: those of its run's ``config.yaml`` when the checkpoint
+    sits in a run directory (``RUN/checkpoints/epoch_N``), else the rank its ``lora_A`` tensors have and
+    ``cfg``'s alpha. So ``tpgrpo sample``/``eval --lora RUN/...`` load a run trained with another rank than ``-c``'s."""
+    from .config import load_yaml
+
+    run_cfg = Path(checkpoint_dir).resolve().parent.parent / "config.yaml"
+    training = ((load_yaml(run_cfg.read_text()) or {}).get("training") or {}) if run_cfg.is_file() else {}
+    ranks = {t.shape[0] for n, t in lora.items() if "lora_A" in n and t.ndim == 2}
+    rank = training.get("lora_rank", next(iter(ranks)) if len(ranks) == 1 else cfg.training.lora_rank)
+    return int(rank), float(training.get("lora_alpha", cfg.training.lora_alpha))
+
+
 def load_lora_into(model, cfg, checkpoint_dir: str | Path, *, use_ema: bool = True) -> None:
     """Load a checkpoint's EMA (default) or raw trained weights into ``model``: the configured LoRA (added here), or
     every transformer weight when ``model.full_finetune`` is set."""
@@ -110,7 +123,7 @@ def load_lora_into(model, cfg, checkpoint_dir: str | Path, *, use_ema: bool = Tr
             raise ValueError(f"{checkpoint_dir}: checkpoint has {len(ck['lora'])} tensors, the transformer has "
                              f"{len(params)} (is it a full fine-tuning checkpoint of this model?)")
     else:
-        add_lora(model, cfg.training.lora_rank, cfg.training.lora_alpha)
+        add_lora(model, *trained_lora_settings(checkpoint_dir, ck["lora"], cfg))
         params = [(n, p) for n, p in model.transformer.named_parameters() if "lora_" in n]
         if len(params) != len(ck["lora"]):
             raise ValueError(f"{checkpoint_dir}: checkpoint has {len(ck['lora'])} LoRA tensors, the configured LoRA "
