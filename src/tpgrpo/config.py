@@ -505,6 +505,9 @@ def config_reference() -> str:
 
     def type_name(annotation) -> str:
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:  # e.g. a dict's values with their own bounds: float (≥ 0)
+            found = bounds([m for extra in args[1:] for m in (*getattr(extra, "metadata", ()), extra)])
+            return type_name(args[0]) + (f" ({', '.join(found)})" if found else "")
         if origin is Literal:
             return " | ".join(str(a) for a in args)
         if origin is typing.Union or (origin is not None and type(annotation).__name__ == "UnionType"):
