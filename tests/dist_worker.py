@@ -28,6 +28,7 @@ def main() -> None:
         "states": dist.all_gather_tensor(batch.states),
         "next_states": dist.all_gather_tensor(batch.next_states),
         "prompts": sum(dist.all_gather_object(batch.prompts), []),
+        "old_means": None if batch.old_means is None else dist.all_gather_tensor(batch.old_means),  # GRPO-Guard
         "reward_mean": info["reward_mean"],
         "eval": tr.evaluate(0, grid=False),
     }

@@ -50,10 +50,11 @@ def _overrides(model_path, run_dir, **extra):
     return tiny_overrides(model_path, run_dir, **{**SPLIT, **extra})
 
 
-@pytest.mark.parametrize("algorithm", ["tpgrpo", "flow_grpo",
+@pytest.mark.parametrize("algorithm", ["tpgrpo", "flow_grpo", "mix_grpo", "flow_grpo+grpo_guard",
                                        pytest.param("tempflow_grpo", marks=pytest.mark.slow)])
 def test_two_processes_compute_the_single_process_advantages(tiny_model_path, tmp_path, algorithm):
-    extra = {"algorithm": algorithm, "tempflow.children": 2}
+    algorithm, guard = algorithm.removesuffix("+grpo_guard"), algorithm.endswith("+grpo_guard")
+    extra = {"algorithm": algorithm, "tempflow.children": 2, "training.grpo_guard": guard}
     out = tmp_path / "dist.pt"
     _torchrun([str(TESTS / "dist_worker.py"), str(out), *_overrides(tiny_model_path, tmp_path / "dist", **extra)])
     got = torch.load(out, weights_only=False)
@@ -73,6 +74,9 @@ def test_two_processes_compute_the_single_process_advantages(tiny_model_path, tm
     assert (got["train_mask"] is None) == (batch.train_mask is None)
     if batch.train_mask is not None:
         assert torch.equal(got["train_mask"], batch.train_mask)
+    assert (got["old_means"] is None) == (batch.old_means is None) == (not guard)
+    if guard:  # GRPO-Guard's transition means, rolled out where the sample is
+        assert torch.equal(got["old_means"], batch.old_means)
     assert got["reward_mean"] == pytest.approx(info["reward_mean"], abs=1e-12)
     # evaluation split over processes (every other item) gives the single-process result
     assert got["eval"] == single.evaluate(0, grid=False)
