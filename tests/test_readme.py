@@ -45,17 +45,22 @@ def _tiny(model_path, run_dir) -> list[str]:
     return tiny_overrides(model_path, run_dir, **{"training.epochs": 1, "data.eval_per_tag": 1})
 
 
-def test_built_in_run(tiny_model_path, tmp_path, capsys, monkeypatch):
+def test_built_in_run(tmp_path, capsys, monkeypatch):
+    """The README's first training command and its first ``tpgrpo sample`` line, on the shipped latent world (it is
+    small enough to run as written), at tiny sizes."""
     monkeypatch.chdir(ROOT)
-    cmd = _commands("tpgrpo train --config configs/default.yaml")[0]
-    assert cmd == ["tpgrpo", "train", "--config", "configs/default.yaml"]
-    _run(cmd[1:] + _tiny(tiny_model_path, tmp_path / "run"), capsys)
+    cmd = _commands("tpgrpo train --config configs/tpgrpo_latent.yaml")[0]
+    assert cmd == ["tpgrpo", "train", "--config", "configs/tpgrpo_latent.yaml"]
+    small = {"run_dir": tmp_path / "run", "training.epochs": 1, "training.prompts_per_epoch": 2,
+             "training.group_size": 4, "training.sample_batch_size": 8, "training.train_batch_size": 8,
+             "data.eval_per_tag": 1}
+    _run(cmd[1:] + [f"{k}={v}" for k, v in small.items()], capsys)
     assert (tmp_path / "run" / "checkpoints" / "epoch_000001").is_dir()
     # …and sampling from that run, as the README's first `tpgrpo sample` line does
-    sample = _commands("tpgrpo sample -c configs/default.yaml --lora runs/default")[0]
-    sample = [str(tmp_path / "run") if a == "runs/default" else str(tmp_path / "samples") if a == "samples" else a
-              for a in sample[1:]]
-    _run(sample + [f"model.path={tiny_model_path}", "sampling.eval_num_steps=2", "training.lora_rank=2"], capsys)
+    sample = _commands("tpgrpo sample -c configs/tpgrpo_latent.yaml --lora runs/tpgrpo_latent")[0]
+    sample = [str(tmp_path / "run") if a == "runs/tpgrpo_latent" else str(tmp_path / "samples") if a == "samples"
+              else a for a in sample[1:]]
+    _run(sample + ["sampling.eval_num_steps=2"], capsys)
     assert len(list((tmp_path / "samples").glob("p0000_s*.png"))) == 8 and (tmp_path / "samples" / "grid.png").is_file()
 
 
