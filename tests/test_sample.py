@@ -107,13 +107,13 @@ def test_lora_from_a_run_directory(trained_run, tiny_model_path, tmp_path):
     assert json.loads((run / "index.json").read_text())["settings"]["lora_weights"] == "ema"
 
 
-
 def test_lora_rank_and_alpha_come_from_the_run(trained_run, tiny_model_path, tmp_path):
     """A run trained with rank 2 loads whatever rank and alpha ``-c`` says: its own config.yaml decides."""
     run = _images(_sample(tmp_path / "run", tiny_model_path, "--lora", trained_run))
     other = _images(_sample(tmp_path / "other", tiny_model_path, "--lora", trained_run,
                             **{"training.lora_rank": 4, "training.lora_alpha": 32}))
     assert _max_diff(run, other) == 0
+
 
 def _checkpoint(model, run_dir: Path, params) -> Path:
     params = list(params)
