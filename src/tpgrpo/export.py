@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -100,23 +100,24 @@ def make_reference(model, *, copy_weights: bool | None = None) -> Callable:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
-def trained_lora_settings(checkpoint_dir: str | Path, lora: dict[str, torch.Tensor], cfg) -> tuple[int, float]:
-    """The (rank, alpha) a checkpoint's LoRA was trained with: those of its run's ``config.yaml`` when the checkpoint
-    sits in a run directory (``RUN/checkpoints/epoch_N``), else the rank its ``lora_A`` tensors have and
-    ``cfg``'s alpha. So ``tpgrpo sample``/``eval --lora RUN/...`` load a run trained with another rank than ``-c``'s."""
+def trained_lora_settings(checkpoint: Path, lora: dict[str, torch.Tensor], cfg) -> tuple[int, float]:
+    """The (rank, alpha) a checkpoint's LoRA was trained with: the rank its ``lora_A`` tensors have, the alpha of its
+    run's ``config.yaml`` (``RUN/checkpoints/epoch_N``; ``cfg``'s where there is none). So ``tpgrpo sample``/``eval
+    --lora RUN`` load a run trained with another rank or alpha than ``-c``'s."""
     from .config import load_yaml
 
-    run_cfg = Path(checkpoint_dir).resolve().parent.parent / "config.yaml"
+    run_cfg = Path(checkpoint).resolve().parent.parent / "config.yaml"
     training = ((load_yaml(run_cfg.read_text()) or {}).get("training") or {}) if run_cfg.is_file() else {}
-    ranks = {t.shape[0] for n, t in lora.items() if "lora_A" in n and t.ndim == 2}
-    rank = training.get("lora_rank", next(iter(ranks)) if len(ranks) == 1 else cfg.training.lora_rank)
-    return int(rank), float(training.get("lora_alpha", cfg.training.lora_alpha))
+    ranks = {t.shape[0] for n, t in lora.items() if "lora_A" in n}
+    rank = ranks.pop() if len(ranks) == 1 else cfg.training.lora_rank
+    return rank, float(training.get("lora_alpha", cfg.training.lora_alpha))
 
 
 def load_lora_into(model, cfg, checkpoint_dir: str | Path, *, use_ema: bool = True) -> None:
     """Load a checkpoint's EMA (default) or raw trained weights into ``model``: the configured LoRA (added here), or
     every transformer weight when ``model.full_finetune`` is set."""
-    ck = load_checkpoint(Path(checkpoint_dir))
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir)  # a run directory or `latest` names its newest checkpoint
+    ck = load_checkpoint(checkpoint_dir)
     if getattr(cfg.model, "full_finetune", False):
         params = list(model.transformer.named_parameters())
         if len(params) != len(ck["lora"]):
