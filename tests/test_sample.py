@@ -115,6 +115,22 @@ def test_lora_rank_and_alpha_come_from_the_run(trained_run, tiny_model_path, tmp
     assert _max_diff(run, other) == 0
 
 
+
+def test_lora_loaded_from_a_run_directory_keeps_the_runs_alpha(trained_run, tiny_model_path):
+    """``eval --lora RUN`` passes the run directory itself: its alpha must still come from the run."""
+    from tpgrpo.export import load_lora_into
+
+    models = []
+    for alpha in (4, 32):  # the run's own alpha, and another -c
+        model = ShapesModel.load(tiny_model_path)
+        load_lora_into(model, load_config(None, _overrides(tiny_model_path, **{"training.lora_alpha": alpha})),
+                       trained_run)
+        models.append(model)
+    x, sigma = torch.randn(2, *models[0].latent_shape(), generator=torch.Generator().manual_seed(0)), 0.7
+    cond = models[0].encode_prompts(PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(*(m.velocity(x, sigma, cond, None, 1.0) for m in models))
+
 def _checkpoint(model, run_dir: Path, params) -> Path:
     params = list(params)
     return save_checkpoint(run_dir, 1, {"lora": {n: p.detach().clone() for n, p in params},
