@@ -18,17 +18,19 @@ from tpgrpo.config import load_config
 from tpgrpo.trainer import Trainer
 
 
-def gradient_estimates(trainer: Trainer, k: int, first_epoch: int = 1) -> torch.Tensor:
+def gradient_estimates(trainer: Trainer, k: int, first_epoch: int = 1, infos: list | None = None) -> torch.Tensor:
     """K flattened gradients at the trainer's initial weights, one per epoch's batch (epochs first_epoch …): the
     optimizer step and the EMA update are disabled, so every estimate starts from the same model. Use
-    train_batch_size = the epoch's samples for one estimate per epoch."""
+    train_batch_size = the epoch's samples for one estimate per epoch. ``infos`` collects each epoch's record."""
     grads: list[torch.Tensor] = []
     saved = trainer.optimizer.step, trainer.ema.update
     trainer.optimizer.step = lambda *a, **kw: grads.append(torch.cat([p.grad.flatten().clone() for p in trainer.trainable]))
     trainer.ema.update = lambda *a, **kw: None
     try:
         for epoch in range(first_epoch, first_epoch + k):
-            batch, _ = trainer.collect(epoch)
+            batch, info = trainer.collect(epoch)
+            if infos is not None:
+                infos.append(info)
             trainer.optimise(batch, epoch)
     finally:
         trainer.optimizer.step, trainer.ema.update = saved
@@ -48,10 +50,30 @@ def main(argv: list[str]) -> None:
     config, k, overrides = argv[0], int(argv[1]), argv[2:]
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, overrides + [f"run_dir={run_dir}"])
-        agreement = pairwise_agreement(gradient_estimates(Trainer(cfg, log_trackers=False), k))
-    print(json.dumps({"config": config, "overrides": overrides, "estimates": agreement["estimates"],
-                      "pairwise_cosine": round(agreement["pairwise_cosine"], 4),
-                      "standard_error": round(agreement["standard_error"], 4)}))
+        infos: list[dict] = []
+        agreement = pairwise_agreement(gradient_estimates(Trainer(cfg, log_trackers=False), k, infos=infos))
+    out = {"config": config, "overrides": overrides, "estimates": agreement["estimates"],
+           "pairwise_cosine": round(agreement["pairwise_cosine"], 4),
+           "standard_error": round(agreement["standard_error"], 4)}
+    out.update(mean_diagnostics(infos))
+    print(json.dumps(out))
+
+
+def mean_diagnostics(infos: list[dict]) -> dict:
+    """Per window step, averaged over the estimates' epochs: the fraction of advantages exactly 0 (every method)
+    and, for TP-GRPO, the fraction of exactly-zero incremental rewards and the turning-point rates."""
+    def avg(rows):
+        return [round(float(sum(col) / len(col)), 4) for col in zip(*rows)]
+
+    out = {}
+    if infos and "adv_zero_per_step" in infos[0]:
+        out["adv_zero_per_step"] = avg([i["adv_zero_per_step"] for i in infos])
+    tp = [i["tp"] for i in infos if "tp" in i]
+    for key in ("r_zero_per_step", "tp_rate_per_step", "tp_rate_per_step_after", "mean_abs_r_per_step",
+                "mean_abs_g_per_step"):
+        if tp:
+            out[key] = avg([t[key] for t in tp])
+    return out
 
 
 if __name__ == "__main__":

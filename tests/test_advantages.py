@@ -1,4 +1,4 @@
-"""Group-normalised advantages (DESIGN.md §3.1, §3.2, §3.4)."""
+"""Group-normalised advantages (docs/design.md §3.1, §3.2, §3.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration validation, the command line's bad-input handling and prompt sources (DESIGN §10)."""
+"""Configuration validation, the command line's bad-input handling and prompt sources (docs/design.md §10)."""
 
 from __future__ import annotations
 

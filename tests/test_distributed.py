@@ -1,4 +1,4 @@
-"""Data-parallel training (DESIGN §8) with real 2-process gloo groups launched by torchrun: the same samples,
+"""Data-parallel training (docs/design.md §8) with real 2-process gloo groups launched by torchrun: the same samples,
 advantages and evaluation as one process, training that matches one process up to float summation order,
 checkpoints written once, resume."""
 

@@ -1,4 +1,4 @@
-"""Clipped policy loss and KL (DESIGN.md §2)."""
+"""Clipped policy loss and KL (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TempFlow-GRPO and DanceGRPO on the shared engine (DESIGN §3.2, §3.3), and reward aggregation."""
+"""TempFlow-GRPO and DanceGRPO on the shared engine (docs/design.md §3.2, §3.3), and reward aggregation."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Faults (DESIGN §10): atomic checkpoints under kill -9 and a full disk, SIGTERM mid-run, never a fake reward."""
+"""Faults (docs/design.md §10): atomic checkpoints under kill -9 and a full disk, SIGTERM mid-run, never a fake reward."""
 
 import errno
 import json

@@ -1,4 +1,4 @@
-"""Hostile input (DESIGN §10, README "Bad input"): hundreds of bad configurations, CLI arguments and checkpoint
+"""Hostile input (docs/design.md §10, README "Bad input"): hundreds of bad configurations, CLI arguments and checkpoint
 corruptions, each a one-line error with exit code 2 and no traceback; runs that never mix; exact resume from a
 checkpoint copied anywhere; a stop at any moment leaves something to resume."""
 

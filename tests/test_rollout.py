@@ -1,4 +1,4 @@
-"""The lockstep fork engine (DESIGN §4): model-call counts, lockstep == one-at-a-time, R_0 == pure ODE."""
+"""The lockstep fork engine (docs/design.md §4): model-call counts, lockstep == one-at-a-time, R_0 == pure ODE."""
 
 import numpy as np
 import pytest

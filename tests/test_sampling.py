@@ -1,6 +1,6 @@
-"""Tests for tpgrpo.sampling: schedules, step kernels, log-probabilities, KL (DESIGN.md §2).
+"""Tests for tpgrpo.sampling: schedules, step kernels, log-probabilities, KL (docs/design.md §2).
 
-Expected values are computed by hand from the DESIGN formulas (or by diffusers / torch.distributions), never by
+Expected values are computed by hand from the docs/design.md §2 formulas (or by diffusers / torch.distributions), never by
 calling the function under test a second time.
 """
 
@@ -316,7 +316,7 @@ def test_is_stochastic():
     assert not is_stochastic("ode", 0.5, 0.7)
     assert not is_stochastic("sde", 0.5, 0.0)
     assert not is_stochastic("cps", 0.0, 0.7)  # std σ'·sin(ηπ/2) = 0
-    assert not is_stochastic("sde", 0.0, 0.7)  # the final step is never stochastic nor trained (DESIGN §2)
+    assert not is_stochastic("sde", 0.0, 0.7)  # the final step is never stochastic nor trained (docs/design.md §2)
     assert not is_stochastic("dance", torch.tensor([0.3, 0.0]), 0.3)
     with pytest.raises(ValueError):
         is_stochastic("euler", 0.5, 0.7)

@@ -1,4 +1,4 @@
-"""The shapes world (DESIGN §6): grammar and split, exact renderer, detector and GenEval-style scorer."""
+"""The shapes world (docs/design.md §6): grammar and split, exact renderer, detector and GenEval-style scorer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TP-GRPO credit assignment, tested from the definitions in DESIGN.md §3.4."""
+"""TP-GRPO credit assignment, tested from the definitions in docs/design.md §3.4."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from tpgrpo.credit import (
     turning_point_stats,
 )
 
-# DESIGN.md §3.4 worked example, W = 9.
+# docs/design.md §3.4 worked example, W = 9.
 EXAMPLE_R = [0.80, 0.78, 0.83, 0.85, 0.84, 0.86, 0.87, 0.87, 0.88, 0.90]
 EXAMPLE_r = [-0.02, 0.05, 0.02, -0.01, 0.02, 0.01, 0.0, 0.01, 0.02]
 
 
 def _brute_force(R_row, *, consistent, first_step):
-    """Loop-by-loop reading of DESIGN.md §3.4 for one trajectory (float64)."""
+    """Loop-by-loop reading of docs/design.md §3.4 for one trajectory (float64)."""
     R_row = [float(v) for v in R_row]
     W = len(R_row) - 1
     sgn = lambda v: (v > 0) - (v < 0)  # noqa: E731

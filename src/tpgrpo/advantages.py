@@ -1,4 +1,4 @@
-"""Group-normalised advantages (DESIGN.md §3.1, §3.2, §3.4).
+"""Group-normalised advantages (docs/design.md §3.1, §3.2, §3.4).
 
 Pure tensor functions; inputs may be torch tensors or numpy arrays, outputs are torch tensors.
 """
@@ -39,11 +39,11 @@ def group_advantages(
     clip: float | None = None,
     unbiased: bool = False,
 ) -> torch.Tensor:
-    """GRPO advantages ``(R − mean_group) / (std + eps)`` (DESIGN.md §3.1).
+    """GRPO advantages ``(R − mean_group) / (std + eps)`` (docs/design.md §3.1).
 
     Args:
         rewards: ``[N]`` (one reward per sample) or ``[N, S]`` (S columns, e.g. TP-GRPO's per-window-step rewards,
-            each normalised independently — DESIGN.md §3.4 "per window step").
+            each normalised independently — docs/design.md §3.4 "per window step").
         group_ids: ``[N]`` integer group of each sample (prompt group, TempFlow seed group, …).
         std: ``"group"`` — the std of the sample's group; ``"global"`` — the std over the whole batch, per column
             (the Flow-GRPO reference's ``global_std``). The mean is always the group's. Both are *population*
@@ -102,7 +102,7 @@ def group_advantages(
 
 
 def nonzero_advantage_mask(adv: Any) -> torch.Tensor:
-    """``[N]`` bool: True for samples with any nonzero advantage (DESIGN.md §3.1).
+    """``[N]`` bool: True for samples with any nonzero advantage (docs/design.md §3.1).
 
     Samples whose advantages are all zero contribute nothing to the policy loss and may be dropped.
     """
@@ -122,7 +122,7 @@ def combine_advantages(
     std: str = "group",
     eps: float = 1e-4,
 ) -> torch.Tensor:
-    """Advantage-level aggregation of several rewards (DanceGRPO, DESIGN.md §3.2).
+    """Advantage-level aggregation of several rewards (DanceGRPO, docs/design.md §3.2).
 
     ``A = Σ_k weights[k] · group_advantages(per_reward_rewards[k], group_ids)``: each reward is normalised
     separately, then the advantages are summed with weights (instead of summing rewards first).

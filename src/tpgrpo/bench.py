@@ -1,4 +1,4 @@
-"""``tpgrpo bench``: what the lockstep engine and each method cost, measured within one run (DESIGN §9).
+"""``tpgrpo bench``: what the lockstep engine and each method cost, measured within one run (docs/design.md §9).
 
 * model evaluations per sample (TP-GRPO lockstep, TP-GRPO one-at-a-time, Flow-GRPO);
 * rollout time against the "bare" cost: the sum, over the rollout's transformer invocations, of the median time
@@ -235,6 +235,6 @@ def markdown_table(r: dict) -> str:
     mem = f"Peak RSS {r['peak_rss_mib']:.0f} MiB"
     if gpu:
         mem += f"; peak GPU memory {r['peak_gpu_gib']:.1f} of {r['gpu_total_gib']:.0f} GiB"
-    lines += ["", f"{mem}. Targets (DESIGN §9): overhead ≤ 1.1; TP-GRPO epoch ≤ 2.0× Flow-GRPO's on CPU, ≤ 1.6× on a "
+    lines += ["", f"{mem}. Targets (docs/design.md §9): overhead ≤ 1.1; TP-GRPO epoch ≤ 2.0× Flow-GRPO's on CPU, ≤ 1.6× on a "
               "GPU.", ""]
     return "\n".join(lines)

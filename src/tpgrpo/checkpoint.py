@@ -1,4 +1,4 @@
-"""Atomic, checksummed checkpoints (DESIGN §10): written into a temporary directory with a SHA-256 of every file,
+"""Atomic, checksummed checkpoints (docs/design.md §10): written into a temporary directory with a SHA-256 of every file,
 fsynced, then renamed into place, so a crash mid-write never damages the last good checkpoint and a file damaged
 later is caught on load. Weights are safetensors; the optimizer state is loaded with ``torch.load(weights_only=True)``;
 nothing is unpickled.

@@ -1,5 +1,5 @@
 """Command line: ``tpgrpo train | eval | sample | compare | report | bench | serve-reward | export-lora |
-pretrain-shapes``.
+pretrain-shapes | pretrain-reward``.
 
 Configuration errors and bad input print one line naming the field or file and exit with code 2 (no traceback).
 """
@@ -91,6 +91,8 @@ def cmd_eval(args) -> int:
         source = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
         name = next(iter(cfg.reward.components()))
         reward = build_reward(name, **cfg.reward.options.get(name, {}))
+        held = cfg.reward.held_out
+        held_out = None if held is None else build_reward(held, **cfg.reward.options.get(held, {}))
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         _fail(first_line(e))
     if args.paired and not args.lora:
@@ -108,7 +110,7 @@ def cmd_eval(args) -> int:
         with torch.no_grad():
             return evaluate(m, source, reward, sig, guidance_scale=cfg.sampling.guidance_scale,
                             per_tag=cfg.data.eval_per_tag, seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch,
-                            chunk=cfg.data.eval_batch_size)
+                            chunk=cfg.data.eval_batch_size, held_out=held_out)
 
     base = None
     if args.paired:
@@ -120,11 +122,12 @@ def cmd_eval(args) -> int:
         else:  # full fine-tuning replaced the weights: load the base model again
             base = run_eval(load_model(cfg.model))
     res = run_eval(model)
-    out = {k: v for k, v in res.items() if k in ("strict", "partial", "per_tag", "n")}
+    shown = ("strict", "partial", "held_out", "held_out_name", "per_tag")
+    out = {k: v for k, v in res.items() if k in shown + ("n",)}
     if base is not None:
         from .evaluation import paired_gain
 
-        out["base"] = {k: v for k, v in base.items() if k in ("strict", "partial", "per_tag")}
+        out["base"] = {k: v for k, v in base.items() if k in shown}
         out["gain_over_base"] = paired_gain(base, res)
     print(json.dumps(out, indent=2))
     if args.grid:
@@ -175,6 +178,23 @@ def cmd_pretrain(args) -> int:
     except ValueError as e:
         return _fail(f"pretrain-shapes: {e}")
     pretrain(cfg)
+    return 0
+
+
+def cmd_pretrain_reward(args) -> int:
+    from .shapes.pretrain_reward import RewardPretrainConfig, pretrain_reward
+
+    try:
+        cfg = RewardPretrainConfig(out=args.out, export=args.export, base=args.base, steps=args.steps,
+                                   batch_size=args.batch_size, pairs=args.pairs, lr=args.lr, seed=args.seed,
+                                   pool_per_prompt=args.pool_per_prompt, threads=args.threads,
+                                   pref_weight=args.pref_weight, warmup=args.warmup, init=args.init)
+    except ValueError as e:
+        return _fail(f"pretrain-reward: {e}")
+    try:
+        pretrain_reward(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(f"pretrain-reward: {first_line(e)}")
     return 0
 
 
@@ -342,6 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=128, help="flow transformer width (a multiple of 32)")
     p.add_argument("--layers", type=int, default=6, help="flow transformer depth")
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("pretrain-reward", help="train the built-in world's learned reward (shapes_pref) on renders "
+                                               "and on the base model's rule-ranked samples (resumable)")
+    p.add_argument("--out", default="pretrain_reward", help="work directory (pool, state, log, agreement.json)")
+    p.add_argument("--export", default=None, help="final safetensors path (default: OUT/shapes_pref.safetensors)")
+    p.add_argument("--base", default="latent", help="base model whose samples are ranked (latent, or a .safetensors)")
+    p.add_argument("--steps", type=_positive_int, default=1500)
+    p.add_argument("--batch-size", type=_positive_int, default=96, help="distinct train prompts per step (x2 with "
+                                                                        "their neighbours)")
+    p.add_argument("--pairs", type=_positive_int, default=128, help="preference pairs per step")
+    p.add_argument("--pool-per-prompt", type=_positive_int, default=24, help="base-model samples per train prompt")
+    p.add_argument("--pref-weight", type=float, default=1.0, help="weight of the preference (Bradley-Terry) loss "
+                                                                  "beside the contrastive one")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--init", default=None, help="start from these weights (a preference fine-tuning stage)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_pretrain_reward)
     return ap
 
 

@@ -1,4 +1,4 @@
-"""``tpgrpo compare``: several methods ("arms") × seeds at equal epochs, then one report (DESIGN §9, issue 7).
+"""``tpgrpo compare``: several methods ("arms") × seeds at equal epochs, then one report (docs/design.md §9, issue 7).
 
 A comparison spec (YAML, e.g. ``configs/compare_shapes.yaml``) names the seeds, the overrides common to every run,
 the arms (a preset plus overrides each) and the reference arm::

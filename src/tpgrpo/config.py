@@ -141,6 +141,10 @@ class RewardConfig(_Section):
                               "its own clipped term, weighted sum of the losses (DanceGRPO)")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                description="constructor options per reward name, e.g. {ocr: {psm: 7}}")
+    held_out: str | None = Field(None, description="a reward scored at evaluation only, never trained on (e.g. "
+                                                   "shapes beside shapes_pref: train on the learned reward, report "
+                                                   "the rule scorer); its shapes_strict, where it has one, is the "
+                                                   "strict column")
 
     @model_validator(mode="after")
     def _weights_train(self):
@@ -149,6 +153,13 @@ class RewardConfig(_Section):
                 raise ValueError(f"weights.{name}: must be a finite number, got {w}")
             if w == 0:
                 raise ValueError(f"weights.{name}: a weight of 0 trains nothing; remove the reward instead")
+        return self
+
+    @model_validator(mode="after")
+    def _held_out_is_not_trained(self):
+        if self.held_out is not None and self.held_out in self.components():
+            raise ValueError(f"held_out: {self.held_out!r} is also a training reward; a held-out metric must be one "
+                             f"the run does not train on")
         return self
 
     def components(self) -> dict[str, float]:
@@ -222,6 +233,9 @@ class TrainingConfig(_Section):
 
 
 class TPGRPOConfig(_Section):
+    turning_points: bool = Field(True, description="turning points get the aggregated reward g_t; false: every step "
+                                                   "keeps its incremental reward r_t (the dense-reward ablation, "
+                                                   "close to DenseGRPO)")
     consistent: bool = Field(True, description="consistent turning points (the paper's main rule: the rest of the "
                                                "trajectory keeps the step's sign); false: plain Definition 4.1")
     first_step: bool = Field(True, description="the first window step may be a turning point (the paper's "

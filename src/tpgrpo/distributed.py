@@ -1,4 +1,4 @@
-"""Data-parallel helpers (DESIGN §8).
+"""Data-parallel helpers (docs/design.md §8).
 
 ``torchrun`` and ``accelerate launch`` describe the process group in the environment (WORLD_SIZE, RANK, MASTER_ADDR,
 …); :func:`init` joins it through ``accelerate.PartialState`` (gloo on CPU, nccl on GPU). Without WORLD_SIZE > 1

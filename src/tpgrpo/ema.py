@@ -1,4 +1,4 @@
-"""Exponential moving average of the trained weights, used for evaluation (DESIGN §3)."""
+"""Exponential moving average of the trained weights, used for evaluation (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The distributed engine (DESIGN §8, docs/scaling.md): how the trained transformer is held across processes and
+"""The distributed engine (docs/design.md §8, docs/scaling.md): how the trained transformer is held across processes and
 who synchronises its gradients. tpgrpo itself never reduces a gradient.
 
 ``distributed.strategy``:

@@ -23,8 +23,12 @@ from .rollout import initial_noise, make_generators, sample_ode
 @torch.no_grad()
 def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Tensor, *, guidance_scale: float,
              per_tag: int, seed: int = 0, max_batch: int = 256, embed: Callable | None = None,
-             uncond: PromptEmbeds | None = None, chunk: int = 128) -> dict:
+             uncond: PromptEmbeds | None = None, chunk: int = 128, held_out=None) -> dict:
     """Sample, decode and score the evaluation items ``chunk`` at a time.
+
+    ``held_out``: a second scorer that never trains (``reward.held_out``), e.g. the rule scorer beside a learned
+    reward. Its primary score is reported as ``held_out`` (overall and per tag) and its ``shapes_strict``, where it
+    has one, is the ``strict`` column; ``partial`` stays the trained reward's primary score.
 
     The chunk is the unit of work: chunk c (items [c·chunk, (c+1)·chunk)) is computed by process c mod P, in the
     same composition whatever P is, so the scores do not depend on the number of processes by construction."""
@@ -43,7 +47,7 @@ def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Te
         noise = initial_noise(make_generators([it.seed for it in part]), model.latent_shape())
         lat = sample_ode(model, sigmas, embed(texts), uncond.expand(len(part)), noise, guidance_scale, max_batch)
         images.append(model.decode(lat))
-        scores.append(reward_fn(images[-1], texts))
+        scores.append(_scores(reward_fn, held_out, images[-1], texts))
         mine += range(lo, lo + len(part))
     images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
     scores = {k: np.concatenate([np.asarray(s[k]) for s in scores]) for k in scores[0]} if scores else {}
@@ -54,20 +58,43 @@ def evaluate(model: FlowModel, source: PromptSource, reward_fn, sigmas: torch.Te
     primary = scores[reward_fn.primary]
     strict = scores.get("shapes_strict", primary)
     tags = np.array([it.tag for it in items])
-    per = {t: {"strict": float(strict[tags == t].mean()), "partial": float(primary[tags == t].mean())}
-           for t in dict.fromkeys(tags)}
-    return {
-        "strict": float(np.mean([v["strict"] for v in per.values()])),
-        "partial": float(np.mean([v["partial"] for v in per.values()])),
+    columns = {"strict": strict, "partial": primary}
+    if held_out is not None:
+        columns["held_out"] = scores[held_out.primary]
+    per = {t: {name: float(v[tags == t].mean()) for name, v in columns.items()} for t in dict.fromkeys(tags)}
+    out = {name: float(np.mean([v[name] for v in per.values()])) for name in columns}
+    out.update({
         "per_tag": per,
         "n": len(items),
         "images": images, "prompts": prompts, "scores": primary, "strict_scores": np.asarray(strict, np.float64),
         "tags": tags.tolist(),
-    }
+    })
+    if held_out is not None:
+        out["held_out_name"] = held_out.primary
+        out["held_out_scores"] = np.asarray(columns["held_out"], np.float64)
+    return out
+
+
+#: evaluation result keys that hold per-image arrays (left out of logged records)
+PER_IMAGE_KEYS = ("images", "prompts", "scores", "strict_scores", "held_out_scores")
+
+
+def _scores(reward_fn, held_out, images: np.ndarray, texts: list[str]) -> dict:
+    """The trained reward's scores of one chunk, and the held-out scorer's beside them (on a copy of the images, so
+    neither scorer can change what the other sees)."""
+    scores = dict(reward_fn(images.copy() if held_out is not None else images, texts))
+    if held_out is not None:
+        extra = held_out(images.copy(), texts)
+        clash = sorted(set(scores) & set(extra))
+        if clash:
+            raise ValueError(f"reward.held_out: its scores {clash} have the same names as the trained reward's")
+        scores.update(extra)
+    return scores
 
 
 def paired_gain(base: dict, tuned: dict) -> dict:
-    """The tuned model's gain over the base on the *same* evaluation items (same prompts, same seeds).
+    """The tuned model's gain over the base on the *same* evaluation items (same prompts, same seeds): in the
+    trained reward (``partial``), in strict accuracy and, where both have one, in the held-out reward.
 
     Per image d = score_tuned − score_base; per tag the mean of d; overall the mean over tags (as ``evaluate``
     averages), with its standard error ``sqrt(Σ_tag var_tag / n_tag) / n_tags`` (sample variances of d). Also counts
@@ -77,7 +104,10 @@ def paired_gain(base: dict, tuned: dict) -> dict:
         raise ValueError("paired_gain: the two evaluations did not use the same items")
     tags = np.array(base["tags"])
     out: dict = {"n": len(tags), "per_tag": {}}
-    for key, name in (("scores", "partial"), ("strict_scores", "strict")):
+    keys = [("scores", "partial"), ("strict_scores", "strict")]
+    if "held_out_scores" in base and "held_out_scores" in tuned:
+        keys.append(("held_out_scores", "held_out"))
+    for key, name in keys:
         d = np.asarray(tuned[key], np.float64) - np.asarray(base[key], np.float64)
         means, var_terms = [], []
         for t in dict.fromkeys(tags.tolist()):

@@ -1,5 +1,5 @@
 """Trained weights in and out: adding LoRA, the KL reference, loading checkpoints back into a model, and exporting
-LoRA in the diffusers format (``pipe.load_lora_weights(dir)`` loads it; DESIGN §7)."""
+LoRA in the diffusers format (``pipe.load_lora_weights(dir)`` loads it; docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clipped GRPO policy loss and KL penalty (DESIGN.md §2).
+"""Clipped GRPO policy loss and KL penalty (docs/design.md §2).
 
 Pure tensor functions. ``logp`` carries the gradient; ``logp_old`` and the advantages are treated as constants.
 """
@@ -27,10 +27,10 @@ def clipped_policy_loss(
     adv_clip_max: float | None = 5.0,
     weights: Any = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-sample PPO-clip loss ``max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))`` (DESIGN.md §2).
+    """Per-sample PPO-clip loss ``max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))`` (docs/design.md §2).
 
     ``ρ = exp(logp − logp_old)``; ``A`` is clamped to ``±adv_clip_max`` (5 by default; None disables).
-    Optional per-sample ``weights`` (e.g. TempFlow-GRPO noise-aware weights, DESIGN.md §3.3) multiply the
+    Optional per-sample ``weights`` (e.g. TempFlow-GRPO noise-aware weights, docs/design.md §3.3) multiply the
     policy term. All inputs broadcast elementwise (normally ``[B]``).
 
     Returns:
@@ -90,7 +90,7 @@ def guard_step_weight(sigma: float, sigma_next: float) -> float:
 
 
 def kl_penalty(kl: Any, beta: float) -> torch.Tensor:
-    """``β · mean(kl)``; ``kl`` is the per-sample KL to the reference policy (DESIGN.md §2). Never weighted."""
+    """``β · mean(kl)``; ``kl`` is the per-sample KL to the reference policy (docs/design.md §2). Never weighted."""
     return beta * _as_tensor(kl).mean()
 
 
@@ -108,13 +108,13 @@ def grpo_step_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar loss for one trained step: ``mean(policy loss, weighted) + β·mean(kl)``.
 
-    The per-sample ``weights`` multiply the policy term only; the KL term is unweighted (DESIGN.md §3.3).
+    The per-sample ``weights`` multiply the policy term only; the KL term is unweighted (docs/design.md §3.3).
     ``kl`` may be None when ``beta == 0``. ``info`` adds ``policy_loss`` and ``kl_loss`` (detached scalars) to
     the entries of :func:`clipped_policy_loss`.
 
     With ``term_weights`` ``[K]`` the advantages are ``[B, K]``, one column per reward, and each reward gets its own
     clipped policy term: ``Σ_k term_weights[k] · mean_b(max(−A_bk·ρ_b, −A_bk·clip(ρ_b)))`` + β·mean(kl) (DanceGRPO's
-    advantage-level aggregation, DESIGN.md §3.2; ``reward.aggregate: loss``). It differs from one clipped term on
+    advantage-level aggregation, docs/design.md §3.2; ``reward.aggregate: loss``). It differs from one clipped term on
     ``Σ_k w_k·A_k`` only where a ratio is clipped.
     """
     if term_weights is None:

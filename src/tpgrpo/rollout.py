@@ -1,4 +1,4 @@
-"""The lockstep fork engine (DESIGN §4).
+"""The lockstep fork engine (docs/design.md §4).
 
 A *main trajectory* per sample advances step by step: steps inside the *window* use the stochastic kernel
 (sde / cps / dance) and record the log-probability of the transition; all other steps are ODE (Euler). At chosen

@@ -1,6 +1,6 @@
-"""Flow-matching sampling math: sigma schedules, step kernels, log-probabilities, KL (DESIGN.md §2).
+"""Flow-matching sampling math: sigma schedules, step kernels, log-probabilities, KL (docs/design.md §2).
 
-Conventions (DESIGN.md §2): ``x_σ = (1 − σ)·x_0 + σ·ε``, the model predicts ``v = ε − x_0``; sampling runs
+Conventions (docs/design.md §2): ``x_σ = (1 − σ)·x_0 + σ·ε``, the model predicts ``v = ε − x_0``; sampling runs
 σ_0 = 1 > σ_1 > … > σ_T = 0 and step i goes from ``sigma = σ_i`` to ``sigma_next = σ_{i+1}`` with
 ``Δ = sigma − sigma_next > 0``. Every transition is Gaussian, ``x' ~ N(mean, std²·I)``:
 
@@ -41,9 +41,9 @@ __all__ = [
     "dpm_solver_2m_step",
 ]
 
-#: Step kernels (DESIGN.md §2).
+#: Step kernels (docs/design.md §2).
 KINDS = ("ode", "sde", "cps", "dance")
-#: Transition log-probability variants (DESIGN.md §2, ``logprob: gaussian | mse``).
+#: Transition log-probability variants (docs/design.md §2, ``logprob: gaussian | mse``).
 LOGPROB_KINDS = ("gaussian", "mse")
 
 _NUM_TRAIN_TIMESTEPS = 1000
@@ -55,7 +55,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-#: σ spacings before the shift (DESIGN.md §2): the scheduler's default, the FLUX pipeline's, DanceGRPO's.
+#: σ spacings before the shift (docs/design.md §2): the scheduler's default, the FLUX pipeline's, DanceGRPO's.
 SPACINGS = ("scheduler", "flux_pipeline", "linspace")
 
 
@@ -67,7 +67,7 @@ def static_shift(sigma: Any, shift: float) -> Any:
 
 def sigma_schedule(num_steps: int, shift: float = 1.0, *, mu: float | None = None,
                    spacing: str = "scheduler") -> torch.Tensor:
-    """σ_0 = 1 > … > σ_{num_steps} = 0 as the reference code builds it (DESIGN.md §2).
+    """σ_0 = 1 > … > σ_{num_steps} = 0 as the reference code builds it (docs/design.md §2).
 
     ``spacing`` says which σ grid the shift is applied to:
 
@@ -129,7 +129,7 @@ def flux_mu(
     base_shift: float = 0.5,
     max_shift: float = 1.15,
 ) -> float:
-    """Resolution-dependent FLUX shift ``mu``: linear in the packed image sequence length (DESIGN.md §2).
+    """Resolution-dependent FLUX shift ``mu``: linear in the packed image sequence length (docs/design.md §2).
 
     ``mu = base_shift`` at ``base_seq_len`` and ``max_shift`` at ``max_seq_len`` (diffusers' ``calculate_shift``);
     a 512×512 FLUX image has ``image_seq_len = (512/16)² = 1024``.
@@ -142,7 +142,7 @@ def flux_mu(
 
 
 def timestep_from_sigma(sigma: Any) -> Any:
-    """The timestep passed to the model, ``1000·σ`` (DESIGN.md §2). Tensors come back as fp32 tensors."""
+    """The timestep passed to the model, ``1000·σ`` (docs/design.md §2). Tensors come back as fp32 tensors."""
     if isinstance(sigma, torch.Tensor):
         return sigma.float() * _NUM_TRAIN_TIMESTEPS
     return float(sigma) * _NUM_TRAIN_TIMESTEPS
@@ -191,7 +191,7 @@ def _sde_scale(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float
 
 
 def _std(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
-    """Transition std of DESIGN.md §2 (inputs already validated, fp32, broadcast-compatible)."""
+    """Transition std of docs/design.md §2 (inputs already validated, fp32, broadcast-compatible)."""
     delta = sigma - sigma_next
     if kind == "ode" or noise_level == 0:
         return torch.zeros_like(delta)
@@ -217,7 +217,7 @@ def _batch_shaped(value: Any, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def transition_std(kind: str, sigma: Any, sigma_next: Any, noise_level: float) -> torch.Tensor:
-    """Transition std of step ``sigma → sigma_next`` under ``kind`` (DESIGN.md §2), fp32.
+    """Transition std of step ``sigma → sigma_next`` under ``kind`` (docs/design.md §2), fp32.
 
     ``ode``: 0; ``sde``: ``a·sqrt(σ/(1 − σ))·sqrt(Δ)`` (σ_1 = sigma_next in the denominator at σ = 1);
     ``cps``: ``σ'·sin(η·π/2)``; ``dance``: ``η·sqrt(Δ)``. Equal to the std returned by :func:`transition`
@@ -231,7 +231,7 @@ def transition_std(kind: str, sigma: Any, sigma_next: Any, noise_level: float) -
 
 
 def noise_scale(kind: str, sigma: Any, sigma_next: Any, noise_level: float) -> torch.Tensor:
-    """The per-step noise *scale* the reference step functions return as ``std_dev_t`` (DESIGN.md §2), fp32.
+    """The per-step noise *scale* the reference step functions return as ``std_dev_t`` (docs/design.md §2), fp32.
 
     ``sde``: ``s = a·sqrt(σ/(1 − σ))`` (σ_1 in the denominator at σ = 1) — the transition std without ``sqrt(Δ)``;
     ``dance``: the constant ``η``; ``cps``: ``σ'·sin(η·π/2)``, which *is* the transition std; ``ode``: 0.
@@ -253,7 +253,7 @@ def noise_scale(kind: str, sigma: Any, sigma_next: Any, noise_level: float) -> t
 def transition(
     kind: str, x: torch.Tensor, v: torch.Tensor, sigma: Any, sigma_next: Any, noise_level: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian transition ``x' ~ N(mean, std²·I)`` of one step ``sigma → sigma_next`` (DESIGN.md §2).
+    """Gaussian transition ``x' ~ N(mean, std²·I)`` of one step ``sigma → sigma_next`` (docs/design.md §2).
 
     Args:
         kind: ``"ode"``, ``"sde"`` (noise level a), ``"cps"`` (η ∈ [0, 1]) or ``"dance"`` (η).
@@ -300,7 +300,7 @@ def step(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sampling step ``x' = mean + std·noise`` (DESIGN.md §2); returns ``(x_next, mean, std)``, fp32.
+    """One sampling step ``x' = mean + std·noise`` (docs/design.md §2); returns ``(x_next, mean, std)``, fp32.
 
     ``noise ~ N(0, I)`` is drawn as ``torch.randn(x.shape, generator=generator, dtype=float32, device=x.device)``
     when not given. For ``ode`` or ``noise_level == 0`` the step is deterministic: ``x_next = mean`` and no noise
@@ -342,7 +342,7 @@ def _positive_std(std: Any, like: torch.Tensor, who: str) -> torch.Tensor:
 
 
 def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: Any, kind: str = "gaussian") -> torch.Tensor:
-    """Per-sample log-probability of a transition, **averaged** over the non-batch elements (DESIGN.md §2), fp32.
+    """Per-sample log-probability of a transition, **averaged** over the non-batch elements (docs/design.md §2), fp32.
 
     ``"gaussian"``: mean over elements of ``−(x' − μ)²/(2·std²) − log std − ½·log(2π)`` (the Gaussian log-density
     of x' under ``N(μ, std²·I)`` divided by the element count). ``"mse"``: ``−mean((x' − μ)²)`` (the ``cps``
@@ -366,7 +366,7 @@ def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: Any, kind: str = "ga
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: Any) -> torch.Tensor:
     """KL to the reference policy per sample: mean over non-batch elements of ``(μ_θ − μ_ref)²/(2·std²)``.
 
-    DESIGN.md §2. With ``std`` the transition std it is the KL between the two Gaussian transitions (same std),
+    docs/design.md §2. With ``std`` the transition std it is the KL between the two Gaussian transitions (same std),
     averaged over elements (``training.kl_variance: transition``); with ``std`` = :func:`noise_scale` it is what
     Flow-GRPO's training script computes under ``sde`` (``training.kl_variance: noise_scale``; 1/Δ_i times
     smaller). ``std`` as in :func:`log_prob`. fp32, shape ``[B]``. Raises ValueError when any std ≤ 0.
@@ -381,10 +381,10 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: Any) -> tor
 
 
 def is_stochastic(kind: str, sigma_next: Any, noise_level: float) -> bool:
-    """Whether a step ending at ``sigma_next`` is a random, trainable transition (DESIGN.md §2).
+    """Whether a step ending at ``sigma_next`` is a random, trainable transition (docs/design.md §2).
 
     False for ``ode``, for ``noise_level == 0``, and for the final step ``sigma_next == 0`` under every kind:
-    under ``cps`` its std is exactly 0, and DESIGN.md §2 declares the final step never stochastic and never
+    under ``cps`` its std is exactly 0, and docs/design.md §2 declares the final step never stochastic and never
     trained under any kind (the engine runs it as an ODE step). For a per-sample ``sigma_next`` the answer is
     True only when it holds for every sample.
     """

@@ -1,10 +1,10 @@
 """The training loop shared by every method: sample → score → credit → advantages → optimise; evaluation;
-checkpoints; logging (DESIGN §3, §10).
+checkpoints; logging (docs/design.md §3, §10).
 
 Determinism: everything random in epoch e (prompt choice, window start, initial and transition noise, shuffling)
 derives from (seed, e), so a resumed run needs only weights, optimizer, EMA and counters to continue bit-exactly.
 
-Data parallelism (DESIGN §8, docs/scaling.md): with P processes, process r rolls out and scores the contiguous block
+Data parallelism (docs/design.md §8, docs/scaling.md): with P processes, process r rolls out and scores the contiguous block
 [r·N/P, (r+1)·N/P) of the epoch's N samples (same seeds as one process would use), rewards are all-gathered, credit is
 computed on the full epoch identically everywhere, and each process trains the rows it owns of every global
 micro-batch. The distributed engine (:mod:`tpgrpo.engine`: DDP through accelerate, or FSDP2) synchronises the
@@ -38,7 +38,7 @@ from .checkpoint import (CheckpointError, check_trained_tensors, clean_stale_tem
 from .config import Config, dump_config
 from .ema import EMA
 from .engine import Engine, bytes_held
-from .evaluation import evaluate, save_eval_grid
+from .evaluation import PER_IMAGE_KEYS, evaluate, save_eval_grid
 from .export import add_lora, make_reference, prepare_full_finetune
 from .loss import grpo_step_loss, guard_log_ratio, guard_step_weight
 from .methods import Credit, ScoredRollout, build_method
@@ -125,6 +125,8 @@ class Trainer:
         self.reward_weights = cfg.reward.components()
         self.reward_fns = {name: build_reward(name, **cfg.reward.options.get(name, {})) for name in self.reward_weights}
         self.reward_fn = self.reward_fns[next(iter(self.reward_weights))]  # evaluation uses the first
+        held = cfg.reward.held_out
+        self.held_out_fn = None if held is None else build_reward(held, **cfg.reward.options.get(held, {}))
         self.train_source: PromptSource = load_prompt_source(cfg.data.train_prompts, "data.train_prompts")
         self.eval_source: PromptSource = load_prompt_source(cfg.data.eval_prompts, "data.eval_prompts")
         for field, src in (("data.train_prompts", self.train_source), ("data.eval_prompts", self.eval_source)):
@@ -354,6 +356,10 @@ class Trainer:
             info["window_start"] = window[0]
         if forks is not None:
             info["R0_mean"] = float(sum(w * forks[k][:, 0] for k, w in self.reward_weights.items()).mean())
+        if credit.advantages.dim() >= 2 and credit.advantages.shape[1]:  # every method: how much of the credit is 0
+            zero = (credit.advantages == 0).double()
+            info["adv_zero_per_step"] = zero.flatten(2).mean(2).mean(0).tolist() if zero.dim() > 2 else \
+                zero.mean(0).tolist()
         if "tp" in credit.stats:
             info["tp"] = credit.stats["tp"]
             self._last_tp = (credit.stats["R"][:6].numpy(), credit.stats["is_tp"][:6].numpy())
@@ -396,7 +402,7 @@ class Trainer:
     def credit(self, scored: dict[str, ScoredRollout], group_ids, microbatch_ids, window, rng) -> Credit:
         """Several rewards (``reward.aggregate``): ``reward`` — weighted sum of the rewards, then one credit;
         ``advantage`` — credit per reward, weighted sum of the advantages; ``loss`` — credit per reward, advantages
-        stacked ``[M, W, K]`` so that each reward gets its own clipped policy term (DanceGRPO's rule, DESIGN §3.2)."""
+        stacked ``[M, W, K]`` so that each reward gets its own clipped policy term (DanceGRPO's rule, docs/design.md §3.2)."""
         w = self.reward_weights
         if self.cfg.reward.aggregate == "reward" or len(w) == 1:
             def mix(field):
@@ -746,12 +752,12 @@ class Trainer:
             res = evaluate(self.model, self.eval_source, self.reward_fn, self.eval_sigmas,
                            guidance_scale=cfg.sampling.guidance_scale, per_tag=cfg.data.eval_per_tag,
                            seed=cfg.data.eval_seed, max_batch=cfg.training.max_batch, embed=self.embed,
-                           uncond=self.uncond, chunk=cfg.data.eval_batch_size)
+                           uncond=self.uncond, chunk=cfg.data.eval_batch_size, held_out=self.held_out_fn)
         if grid and self.is_main:
             png = save_eval_grid(res, self.run_dir / "eval" / f"epoch_{epoch:04d}.png", title=f"epoch {epoch}")
             if self.tracker is not None:
                 tracking.log_grid(self.tracker, png, epoch)
-        return {k: v for k, v in res.items() if k not in ("images", "prompts", "scores", "strict_scores")}
+        return {k: v for k, v in res.items() if k not in PER_IMAGE_KEYS}
 
     def log(self, record: dict) -> None:
         if not self.is_main:

@@ -1,4 +1,4 @@
-"""Credit assignment: pure functions from rewards to per-step rewards, masks and weights (DESIGN.md §3, §5)."""
+"""Credit assignment: pure functions from rewards to per-step rewards, masks and weights (docs/design.md §3, §5)."""
 
 from tpgrpo.credit.noise_weights import NOISE_KINDS, noise_aware_weights
 from tpgrpo.credit.turning_points import (

@@ -1,4 +1,4 @@
-"""TempFlow-GRPO noise-aware step weights (DESIGN.md §3.3)."""
+"""TempFlow-GRPO noise-aware step weights (docs/design.md §3.3)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from ..sampling import transition_std
 
 __all__ = ["noise_aware_weights", "NOISE_KINDS"]
 
-#: Stochastic step kinds with a nonzero transition std (DESIGN.md §2); ``ode`` has none.
+#: Stochastic step kinds with a nonzero transition std (docs/design.md §2); ``ode`` has none.
 NOISE_KINDS = ("sde", "cps", "dance")
 
 
 def noise_aware_weights(
     sigmas: Any, steps: Sequence[int] | Any, kind: str = "sde", noise_level: float = 0.7
 ) -> torch.Tensor:
-    """Noise-aware weights ``w_k = std_k / mean_{k' in steps}(std_{k'})`` (TempFlow-GRPO, DESIGN.md §3.3).
+    """Noise-aware weights ``w_k = std_k / mean_{k' in steps}(std_{k'})`` (TempFlow-GRPO, docs/design.md §3.3).
 
     ``std_k`` is the transition std of step k (from ``sigmas[k]`` to ``sigmas[k+1]``) under the schedule and
-    step kind in use (DESIGN.md §2): ``sde``: ``a·sqrt(σ/(1−σ))·sqrt(Δ)`` (σ_1 in the denominator at σ = 1);
+    step kind in use (docs/design.md §2): ``sde``: ``a·sqrt(σ/(1−σ))·sqrt(Δ)`` (σ_1 in the denominator at σ = 1);
     ``cps``: ``σ'·sin(η·π/2)``; ``dance``: ``η·sqrt(Δ)``. The weights over ``steps`` average exactly 1. They
     multiply each step's policy term only (never the KL term).
 
@@ -70,7 +70,7 @@ def noise_aware_weights(
             "which is never stochastic and never trained"
         )
 
-    # the schedule's own transition std (DESIGN §2); at σ = 1 it uses σ_1 = sigmas[1] for sde, as the kernel does
+    # the schedule's own transition std (docs/design.md §2); at σ = 1 it uses σ_1 = sigmas[1] for sde, as the kernel does
     std = torch.stack([transition_std(kind, float(sig64[k]), float(sig64[k + 1]), float(noise_level)).double()
                        for k in idx.tolist()])
     return (std / std.mean()).to(out_dtype)

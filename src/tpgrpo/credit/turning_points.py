@@ -1,4 +1,4 @@
-"""TP-GRPO credit assignment: incremental rewards, turning points, balancing (DESIGN.md §3.4).
+"""TP-GRPO credit assignment: incremental rewards, turning points, balancing (docs/design.md §3.4).
 
 Notation (one trajectory, SDE window of W steps): ``R_k`` is the reward of the ODE completion of the state after
 k window steps, k = 0 … W (``R_W`` is the trajectory's own final reward). For window step t = 1 … W:
@@ -58,7 +58,7 @@ def _check_rewards(R: Any) -> torch.Tensor:
 
 
 def incremental_and_aggregated(R: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Incremental and aggregated step rewards (DESIGN.md §3.4).
+    """Incremental and aggregated step rewards (docs/design.md §3.4).
 
     Args:
         R: ``[N, W+1]`` rewards ``R_0 … R_W`` of the ODE completions after 0 … W window steps.
@@ -78,7 +78,7 @@ def incremental_and_aggregated(R: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def turning_point_rewards(
     R: Any, *, consistent: bool = True, first_step: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step TP-GRPO rewards and the turning-point mask (DESIGN.md §3.4).
+    """Per-step TP-GRPO rewards and the turning-point mask (docs/design.md §3.4).
 
     Turning point (Definition 4.1), t ≥ 2: ``sign(r_{t−1})·D < 0`` and ``sign(r_t)·D > 0``. A zero never
     qualifies (sign 0 fails both strict inequalities), and ``D = 0`` (``R_W = R_0``) means no turning points.
@@ -129,7 +129,7 @@ def balance_turning_points(
     scope_ids: Any,
     rank_by: str = "trajectory",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balance positive and negative turning points within each scope (DESIGN.md §3.4, "Balancing").
+    """Balance positive and negative turning points within each scope (docs/design.md §3.4, "Balancing").
 
     Within each balancing scope (all trajectories sharing a ``scope_ids`` value: a sampling micro-batch, a
     prompt group, or the whole batch), consider every turning point (trajectory, step). Its sign is the sign of
@@ -212,7 +212,9 @@ def turning_point_stats(
     Keys: ``tp_rate_per_step`` / ``tp_rate_per_step_after`` (fraction of trajectories whose step t is a turning
     point, before/after balancing), ``tp_rate`` (overall, before), ``num_pos_before`` / ``num_neg_before`` /
     ``num_pos_after`` / ``num_neg_after`` (turning points by sign of their assigned reward),
-    ``mean_abs_r_per_step`` and ``mean_abs_g_per_step`` (mean ``|r_t|`` and ``|g_t|`` over trajectories).
+    ``mean_abs_r_per_step`` and ``mean_abs_g_per_step`` (mean ``|r_t|`` and ``|g_t|`` over trajectories),
+    ``r_zero_per_step`` (fraction of trajectories whose incremental reward ``r_t`` is exactly 0: two completions
+    scored the same, as a reward with few levels often does; a zero never makes a turning point).
     """
     before = _as_tensor(is_tp_before, "is_tp_before").bool()
     after = _as_tensor(is_tp_after, "is_tp_after").bool()
@@ -232,4 +234,5 @@ def turning_point_stats(
         "num_neg_after": int((after & (sr < 0)).sum()),
         "mean_abs_r_per_step": r.abs().mean(0).tolist(),
         "mean_abs_g_per_step": g.abs().mean(0).tolist(),
+        "r_zero_per_step": (r == 0).double().mean(0).tolist(),
     }

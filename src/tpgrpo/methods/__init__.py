@@ -1,5 +1,5 @@
 """The GRPO-family methods on one engine. A method decides which states are forked and how rewards become
-per-step advantages; everything else (rollouts, loss, optimisation) is shared (DESIGN §3)."""
+per-step advantages; everything else (rollouts, loss, optimisation) is shared (docs/design.md §3)."""
 
 from .awm import AWM
 from .base import Credit, Method, ScoredRollout

@@ -1,4 +1,4 @@
-"""AWM, advantage-weighted matching (arXiv 2509.25050; DESIGN §3.5) — a forward-process method: the pretraining
+"""AWM, advantage-weighted matching (arXiv 2509.25050; docs/design.md §3.5) — a forward-process method: the pretraining
 (flow-matching) loss on the policy's own samples, weighted by their advantages.
 
 * rollouts are deterministic ODE samples of the *current* policy (on-policy); only the clean samples x0 are kept;

@@ -1,4 +1,4 @@
-"""DanceGRPO (DESIGN §3.2) — what differs from Flow-GRPO:
+"""DanceGRPO (docs/design.md §3.2) — what differs from Flow-GRPO:
 
 * the ``dance`` kernel (constant noise scale η) and shared initial noise within a prompt group (``same_noise``);
 * each trajectory trains a random subset of its window steps (``timestep_fraction`` of them);

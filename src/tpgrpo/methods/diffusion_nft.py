@@ -1,4 +1,4 @@
-"""DiffusionNFT (arXiv 2509.16117; DESIGN §3.5) — a forward-process method, no log-probs:
+"""DiffusionNFT (arXiv 2509.16117; docs/design.md §3.5) — a forward-process method, no log-probs:
 
 * rollouts are deterministic ODE samples of the *old* policy (the reference samples with its "old" adapter,
   NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py`` L640–658); only the clean samples x0 are kept and scored;

@@ -1,4 +1,4 @@
-"""Flow-GRPO (DESIGN §3.1): one reward per trajectory, normalised within its prompt group (or by the batch std with
+"""Flow-GRPO (docs/design.md §3.1): one reward per trajectory, normalised within its prompt group (or by the batch std with
 ``global_std``), broadcast to every trained step of the window."""
 
 from __future__ import annotations

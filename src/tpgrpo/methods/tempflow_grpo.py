@@ -1,4 +1,4 @@
-"""TempFlow-GRPO (DESIGN §3.3) — what differs from Flow-GRPO:
+"""TempFlow-GRPO (docs/design.md §3.3) — what differs from Flow-GRPO:
 
 * the main trajectory is pure ODE; at each branch point k the engine draws C children by one SDE step from x_k and
   finishes each with the ODE, so child b's reward is the process reward of its single stochastic transition;

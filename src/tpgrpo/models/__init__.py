@@ -42,7 +42,7 @@ def load_model(model_cfg) -> FlowModel:
 
 def model_sigmas(model: FlowModel, sampling_cfg, num_steps: int):
     """The σ schedule of ``num_steps`` steps for ``model`` under ``sampling.spacing`` / ``sampling.shift``
-    (DESIGN.md §2). ``auto`` takes the spacing of the model's own diffusers pipeline (``model.pipeline_spacing``,
+    (docs/design.md §2). ``auto`` takes the spacing of the model's own diffusers pipeline (``model.pipeline_spacing``,
     FLUX: ``flux_pipeline``; otherwise the scheduler's default); a model with a resolution-dependent shift
     (``model.schedule_mu()``, FLUX) uses it, except under DanceGRPO's ``linspace``, which applies the static
     ``sampling.shift``."""

@@ -1,7 +1,7 @@
-"""The model protocol every method trains through (DESIGN §5): encode prompts, velocity with guidance, decode.
+"""The model protocol every method trains through (docs/design.md §5): encode prompts, velocity with guidance, decode.
 
 A model works in its own "latent" space (pixels for the built-in model, VAE latents for SD3/FLUX). Velocities come
-back in fp32 whatever the compute dtype, so that step math and log-probs are fp32 (DESIGN §2).
+back in fp32 whatever the compute dtype, so that step math and log-probs are fp32 (docs/design.md §2).
 """
 
 from __future__ import annotations

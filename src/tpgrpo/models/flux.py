@@ -1,4 +1,4 @@
-"""FLUX.1 behind the FlowModel protocol (DESIGN §7), over diffusers' ``FluxPipeline``.
+"""FLUX.1 behind the FlowModel protocol (docs/design.md §7), over diffusers' ``FluxPipeline``.
 
 Latents in the protocol are the *unpacked* VAE latents ``[C, res/8, res/8]`` (C = 16), fp32; packing into 2×2
 patches (``[N, (h/2)(w/2), 4C]``), the image position ids and the text ids are handled inside :meth:`velocity`.

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3 / 3.5 behind the FlowModel protocol (DESIGN §7), over diffusers' ``StableDiffusion3Pipeline``.
+"""Stable Diffusion 3 / 3.5 behind the FlowModel protocol (docs/design.md §7), over diffusers' ``StableDiffusion3Pipeline``.
 
 Latents are VAE latents ``[C, res/8, res/8]`` (C = 16), kept in fp32; the transformer runs under autocast in the
 configured dtype and its velocity comes back in fp32. CFG concatenates [uncond, cond] into one transformer call.

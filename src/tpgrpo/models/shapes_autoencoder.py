@@ -1,4 +1,4 @@
-"""The built-in world's latent autoencoder: 3×32×32 renders ↔ 4×8×8 latents (DESIGN §6, issue #15).
+"""The built-in world's latent autoencoder: 3×32×32 renders ↔ 4×8×8 latents (docs/design.md §6, issue #15).
 
 The built-in model works in a latent space as SD3 does: a tiny convolutional autoencoder, trained only on crisp
 renders, maps an image to a 4-channel 8×8 latent and back. Its decoder turns coarse latents into crisp shapes, so the

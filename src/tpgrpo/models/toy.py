@@ -1,5 +1,5 @@
 """The built-in shapes model: flow matching with a tiny diffusers ``SD3Transformer2DModel`` and a small word-level
-text encoder over the shapes grammar's vocabulary (DESIGN §6).
+text encoder over the shapes grammar's vocabulary (docs/design.md §6).
 
 Two data spaces (``config["space"]``): ``latent`` (the default world since issue #15) runs the transformer on the
 4×8×8 latents of :class:`~tpgrpo.models.shapes_autoencoder.ShapesAutoencoder`, whose decoder is part of the model and

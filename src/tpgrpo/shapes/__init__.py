@@ -1,4 +1,4 @@
-"""The built-in shapes world: prompt grammar, exact renderer, detector and GenEval-style scorer (DESIGN §6)."""
+"""The built-in shapes world: prompt grammar, exact renderer, detector and GenEval-style scorer (docs/design.md §6)."""
 
 from .detect import Detection, Score, detect, score_image
 from .grammar import COLORS, SHAPES, TAGS, PromptSpec, eval_set, parse_prompt, split_prompts, vocabulary

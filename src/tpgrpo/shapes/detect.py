@@ -1,4 +1,4 @@
-"""Detector and GenEval-style scorer of the shapes world (DESIGN §6).
+"""Detector and GenEval-style scorer of the shapes world (docs/design.md §6).
 
 Detection: each pixel takes the nearest of the background and palette colours (RGB distance); per colour, 8-connected
 components above a minimum area are objects. A component whose pixels lie on average farther than MAX_COLOR_DIST from

@@ -1,4 +1,4 @@
-"""The shapes world's prompt grammar (DESIGN §6).
+"""The shapes world's prompt grammar (docs/design.md §6).
 
 Six GenEval tags over three shapes and six colours. A prompt parses to a :class:`PromptSpec`: a list of object
 clauses (shape, exact count, optional colour) and an optional spatial relation between the first two clauses.

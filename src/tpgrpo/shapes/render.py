@@ -1,4 +1,4 @@
-"""Exact renderer of the shapes world: a scene (objects with shape, colour, box) → a 32×32 RGB image (DESIGN §6)."""
+"""Exact renderer of the shapes world: a scene (objects with shape, colour, box) → a 32×32 RGB image (docs/design.md §6)."""
 
 from __future__ import annotations
 
