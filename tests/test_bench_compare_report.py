@@ -42,6 +42,10 @@ def test_bench_covers_every_method(tiny_model_path, tmp_path):
     for x in r["rollout"].values():
         assert x["samples_per_s"] == pytest.approx(x["samples"] / x["rollout_s"])
     assert "CPU threads" in md and "peak GPU" not in md  # GPU columns only on a GPU
+    # the reward scored the epoch's finals and completions: N samples × (W + 1) images
+    scoring = r["reward_scoring"]["jpeg_compressibility"]
+    assert scoring["images"] == r["rollout"]["tpgrpo"]["samples"] * (W + 1) and scoring["images_per_s"] > 0
+    assert "| jpeg_compressibility |" in md
 
 
 @pytest.mark.parametrize("preset, needle", [("flow_grpo", "METHOD=CONFIG"), ("nope=configs/default.yaml", "nope"),

@@ -7,7 +7,8 @@
 * lockstep against one-state-at-a-time completion;
 * a TP-GRPO epoch (sample, score, credit, optimise) against a Flow-GRPO epoch at the same settings (target ≤ 2.0
   on CPU, ≤ 1.6 on a GPU); the epoch's time split; throughput in samples per second;
-* on a GPU, the peak GPU memory of each rollout and of each epoch's optimisation phase.
+* on a GPU, the peak GPU memory of each rollout and of each epoch's optimisation phase;
+* the throughput of the run's reward(s) on the images a TP-GRPO epoch scores (finals and completions).
 
 The first run of every rollout variant is its warm-up (and the one whose calls and memory are counted); then the
 variants are run ``repeats`` times, interleaved, and medians are reported. On a GPU every timed region ends with a
@@ -73,6 +74,23 @@ def _bare_call_times(trainer: Trainer, rows: set[int], repeats: int) -> dict[int
         with torch.no_grad():
             model.raw_velocity(x, 0.5, c)  # warm-up
             out[r] = _median_time(lambda: model.raw_velocity(x, 0.5, c), repeats)
+    return out
+
+
+def _reward_throughput(trainer: Trainer, parts, prompts: list[str], repeats: int) -> dict[str, dict]:
+    """Images per second of each reward the run trains on (and of its held-out reward) on the images a TP-GRPO
+    epoch scores: the final images and every ODE completion, decoded once beforehand (decoding is not timed)."""
+    lat = torch.cat([torch.cat([ro.final_latents[:, None], ro.fork_latents], 1) for ro in parts])
+    images = trainer.model.decode(lat.flatten(0, 1))
+    texts = [p for p in prompts for _ in range(lat.shape[1])]
+    scorers = dict(trainer.reward_fns)
+    if trainer.held_out_fn is not None:
+        scorers[f"{trainer.cfg.reward.held_out} (held out)"] = trainer.held_out_fn
+    out = {}
+    for name, fn in scorers.items():
+        fn(images[:8], texts[:8])  # warm-up
+        t = _median_time(lambda: fn(images, texts), repeats)
+        out[name] = {"images": len(images), "seconds": t, "images_per_s": len(images) / t}
     return out
 
 
@@ -160,6 +178,7 @@ def run_bench(cfg: Config, out_json: Path, repeats: int = 3, presets: dict[str, 
             "peak_gpu_gib": rollout_peak[v],
         }
     result["lockstep_speedup_vs_sequential"] = rollout_time["tpgrpo_sequential"] / rollout_time["tpgrpo"]
+    result["reward_scoring"] = _reward_throughput(tp, parts["tpgrpo"], inputs["tpgrpo"][0], repeats)
 
     # whole epochs (sample, score, credit, optimise), interleaved over methods
     epoch_t = {k: [] for k in trainers}
@@ -222,6 +241,11 @@ def markdown_table(r: dict) -> str:
     lines += [
         "",
         f"Lockstep speed-up over one-state-at-a-time completion: {r['lockstep_speedup_vs_sequential']:.2f}×.",
+        "",
+        "| reward scoring (the final images and ODE completions of a TP-GRPO epoch) | images | seconds | images / s |",
+        "|---|---|---|---|",
+        *(f"| {k} | {x['images']} | {x['seconds']:.2f} | {x['images_per_s']:.0f} |"
+          for k, x in r.get("reward_scoring", {}).items()),
         "",
         "| epoch | total (s) | rollout (s) | scoring (s) | credit (s) | training (s) | ÷ Flow-GRPO epoch |"
         + (" training peak GPU memory (GiB) |" if gpu else ""),
