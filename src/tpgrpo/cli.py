@@ -188,7 +188,9 @@ def cmd_pretrain_reward(args) -> int:
         cfg = RewardPretrainConfig(out=args.out, export=args.export, base=args.base, steps=args.steps,
                                    batch_size=args.batch_size, pairs=args.pairs, lr=args.lr, seed=args.seed,
                                    pool_per_prompt=args.pool_per_prompt, threads=args.threads,
-                                   pref_weight=args.pref_weight, warmup=args.warmup, init=args.init)
+                                   pref_weight=args.pref_weight, warmup=args.warmup, init=args.init,
+                                   agreement_groups=args.agreement_groups,
+                                   agreement_per_group=args.agreement_per_group)
     except ValueError as e:
         return _fail(f"pretrain-reward: {e}")
     try:
@@ -377,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "beside the contrastive one")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--init", default=None, help="start from these weights (a preference fine-tuning stage)")
+    p.add_argument("--agreement-groups", type=_positive_int, default=8,
+                   help="agreement measurement: prompt groups per tag and split")
+    p.add_argument("--agreement-per-group", type=_positive_int, default=16,
+                   help="agreement measurement: base-model samples per group")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_pretrain_reward)

@@ -60,14 +60,19 @@ class RewardPretrainConfig:
     weight_decay: float = 0.01
     pool_per_prompt: int = 24              # base-model samples per train prompt in the preference pool
     init: str | None = None                # safetensors weights to start from (a preference fine-tuning stage)
+    agreement_groups: int = 8              # measurement: prompt groups per tag and split
+    agreement_per_group: int = 16          # measurement: base-model samples per group
     seed: int = 0
     ckpt_every: int = 100
     threads: int | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "pairs", "pool_per_prompt", "ckpt_every"):
+        for name in ("steps", "batch_size", "pairs", "pool_per_prompt", "ckpt_every", "agreement_groups",
+                     "agreement_per_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.pref_weight < 0:
             raise ValueError(f"pref-weight must be >= 0, got {self.pref_weight}")
         if self.lr <= 0:
@@ -192,6 +197,9 @@ def pretrain_reward(cfg: RewardPretrainConfig) -> Path:
     pool_x = ShapesPreferenceModel.images_to_tensor(pool["images"])
     texts = pool["texts"].tolist()
     print(f"preference pool: {len(texts)} samples, {len(pairs)} ranked pairs")
+    if not len(pairs) and cfg.pref_weight > 0:
+        raise ValueError(f"{pool_path}: no two samples of one prompt differ under the rule scorer, so there are no "
+                         f"preference pairs; use a base model whose samples vary (--base) or --pref-weight 0")
 
     model = ShapesPreferenceModel.load(cfg.init).train().requires_grad_(True) if cfg.init else ShapesPreferenceModel()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -215,7 +223,7 @@ def pretrain_reward(cfg: RewardPretrainConfig) -> Path:
     model.train()
     while step < cfg.steps:
         images, caps = _contrastive_batch(rng, train, near, cfg.batch_size)
-        pick = pairs[[rng.randrange(len(pairs)) for _ in range(cfg.pairs)]]
+        pick = pairs[[rng.randrange(len(pairs)) for _ in range(cfg.pairs if len(pairs) else 0)]].reshape(-1, 2)
         scale = model.logit_scale.exp().clamp(max=100.0)
         flat = pick.reshape(-1)
         img = model.embed_images(torch.cat([ShapesPreferenceModel.images_to_tensor(images), pool_x[flat]]))
@@ -223,7 +231,7 @@ def pretrain_reward(cfg: RewardPretrainConfig) -> Path:
         n = len(caps)
         l_clip = clip_loss(img[:n], txt[:n], caps, scale)
         s = (img[n:] * txt[n:]).sum(-1).view(-1, 2)
-        l_pref = bradley_terry_loss(s[:, 0], s[:, 1], scale)
+        l_pref = bradley_terry_loss(s[:, 0], s[:, 1], scale) if len(s) else img.new_zeros(())
         loss = l_clip + cfg.pref_weight * l_pref
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
@@ -252,7 +260,8 @@ def pretrain_reward(cfg: RewardPretrainConfig) -> Path:
                                                         if k not in ("out", "export", "threads")})})
     print(f"wrote {export}")
     agreement = measure_agreement(ShapesPreferenceModel.load(export), base or ShapesModel.load(cfg.base).eval(),
-                                  seed=cfg.seed + 1000)
+                                  seed=cfg.seed + 1000, groups_per_tag=cfg.agreement_groups,
+                                  per_group=cfg.agreement_per_group)
     (out / "agreement.json").write_text(json.dumps(agreement, indent=2) + "\n")
     print(json.dumps({k: agreement[k] for k in ("pairwise_accuracy", "spearman_partial")}, indent=2))
     return export
@@ -308,7 +317,7 @@ def measure_agreement(pref: ShapesPreferenceModel, base: ShapesModel, *, seed: i
             report["smoothness"] = perturbation_response(pref, base, pool, deltas, seed)
     report["pairwise_accuracy"] = {k: report[k]["pairwise_accuracy"] for k in ("train", "test")}
     report["spearman_partial"] = {k: report[k]["spearman_partial"] for k in ("train", "test")}
-    report["throughput"] = scoring_throughput(pref, base)
+    report["throughput"] = scoring_throughput(pref, base, n=16 * groups_per_tag * per_group)
     return report
 
 
