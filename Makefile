@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/tpgrpo_latent.yaml
 
-.PHONY: install train test test-all bench compare compare-latent pretrain-latent clean-venv
+.PHONY: install train test test-all bench compare compare-latent compare-pref pretrain-latent pretrain-reward clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,18 @@ pretrain-latent: install
 	  --ae-steps 3000 --layers 4 --warmup 300
 	$(VENV)/bin/tpgrpo --threads 1 pretrain-shapes --init pretrain_latent/stage12/shapes_base.safetensors \
 	  --out pretrain_latent/stage3 --steps 3000 --batch-size 64 --lr 3e-4 --warmup 100
+
+# TP-GRPO in its own regime (docs/RESULTS.md, "TP-GRPO in its regime"): the learned reward trains, the rule scorer is
+# held out; 10 steps, SDE window of 9. Re-running resumes/skips finished runs and evaluations.
+compare-pref: install
+	$(VENV)/bin/tpgrpo compare configs/compare_latent_pref.yaml --jobs 2 --runs-dir runs/compare_latent_pref \
+	  --out docs/compare_latent_pref
+
+# the learned reward of the built-in world (shapes_pref): a pool of rule-ranked base-model samples, then 1,500 steps
+# of contrastive + preference training, then its agreement with the rules (about 12 minutes on 2 cores; resumable).
+# Writes pretrain_reward/shapes_pref.safetensors and pretrain_reward/agreement.json.
+pretrain-reward: install
+	$(VENV)/bin/tpgrpo --threads 2 pretrain-reward --out pretrain_reward --steps 1500
 
 clean-venv:
 	rm -rf $(VENV)

@@ -105,6 +105,8 @@ def test_compare_runs_summarises_and_skips_finished_runs(tiny_model_path, tmp_pa
     assert p["seeds"] == [0, 1] and p["images"] == 6 and len(p["strict_gain"]) == 2
     assert p["strict_gain_vs_reference"]["diff"] == pytest.approx(
         sum(p["strict_gain"]) / 2 - sum(summary["arms"]["flow_grpo"]["paired"]["strict_gain"]) / 2)
+    assert p["partial_gain_vs_reference"]["diff"] == pytest.approx(
+        sum(p["partial_gain"]) / 2 - sum(summary["arms"]["flow_grpo"]["paired"]["partial_gain"]) / 2)
     md = (out / "compare.md").read_text()
     assert "| tpgrpo_def41 |" in md and (out / "compare_epoch.png").is_file() and (out / "compare_time.png").is_file()
     assert "Paired evaluation" in md and "evaluation seed 3" in md

@@ -274,7 +274,8 @@ def paired_summary(runs_dir: Path, arm: str, seeds: list[int]) -> dict | None:
     return {"seeds": sorted(evals), "images": gains[0]["n"],
             "base_strict": [e["base"]["strict"] for e in evals.values()],
             "strict_gain": [g["strict"] for g in gains], "strict_se": [g["strict_se"] for g in gains],
-            "partial_gain": [g["partial"] for g in gains],
+            "partial_gain": [g["partial"] for g in gains], "partial_se": [g["partial_se"] for g in gains],
+            **({"held_out_gain": [g["held_out"] for g in gains]} if all("held_out" in g for g in gains) else {}),
             "gained": sum(g["strict_gained"] for g in gains), "lost": sum(g["strict_lost"] for g in gains)}
 
 
@@ -332,8 +333,8 @@ def summarise(spec: CompareSpec, runs_dir: Path) -> dict:
             t = stats.ttest_ind(a["final_partial"], ref["final_partial"], equal_var=False)
             a["welch_p_vs_reference"] = float(t.pvalue)
         if name != spec.reference and a["paired"] and ref["paired"]:
-            a["paired"]["strict_gain_vs_reference"] = welch_difference(a["paired"]["strict_gain"],
-                                                                       ref["paired"]["strict_gain"])
+            for key in ("strict_gain", "partial_gain"):
+                a["paired"][f"{key}_vs_reference"] = welch_difference(a["paired"][key], ref["paired"][key])
     return {"reference": spec.reference, "seeds": spec.seeds, "common": spec.common, "paired_eval": spec.paired_eval,
             "arms_spec": {a.name: {"config": a.config, "overrides": a.overrides} for a in spec.arms}, "arms": arms}
 
@@ -397,21 +398,27 @@ def paired_markdown(summary: dict) -> list[str]:
     lines = ["", "Paired evaluation of each run's last checkpoint (EMA) against the base model on the same "
              f"{images} "
              f"test images (evaluation seed {pe.get('seed', '?')}): strict-accuracy gain per seed ± its standard "
-             "error over images; the mean over seeds with a 95 % t interval; the difference from "
-             f"{ref}'s mean gain with a 95 % Welch interval.", "",
-             "| arm | per seed | mean gain [95 % CI] | partial gain | images gained / lost | "
-             f"− {ref} [95 % CI] | p |",
-             "|---|---|---|---|---|---|---|"]
+             "error over images; the mean over seeds with a 95 % t interval; the gain in the trained reward's "
+             "primary score (partial credit, or a learned reward's score) likewise; the differences from "
+             f"{ref}'s mean gains with 95 % Welch intervals.", "",
+             "| arm | strict gain per seed | strict gain [95 % CI] | trained-reward gain [95 % CI] | images gained / lost "
+             f"| strict − {ref} [95 % CI] | p | trained reward − {ref} [95 % CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def interval(x):
+        m, h = mean_ci(x)
+        return f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]" if np.isfinite(h) else f"{m:+.3f}"
+
+    def difference(d):
+        return f"{d['diff']:+.3f} [{d['diff'] - d['half_width']:+.3f}, {d['diff'] + d['half_width']:+.3f}]" if d else "—"
+
     for name, p in rows.items():
         per_seed = ", ".join(f"{g:+.3f} ± {se:.3f}" for g, se in zip(p["strict_gain"], p["strict_se"]))
-        m, h = mean_ci(p["strict_gain"])
-        ci = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]" if np.isfinite(h) else f"{m:+.3f}"
         d = p.get("strict_gain_vs_reference")
-        diff = (f"{d['diff']:+.3f} [{d['diff'] - d['half_width']:+.3f}, {d['diff'] + d['half_width']:+.3f}]"
-                if d else "—")
         pv = f"{d['p']:.3f}" if d else "—"
-        lines.append(f"| {name} | {per_seed} | {ci} | {np.mean(p['partial_gain']):+.3f} | {p['gained']} / {p['lost']} "
-                     f"| {diff} | {pv} |")
+        lines.append(f"| {name} | {per_seed} | {interval(p['strict_gain'])} | {interval(p['partial_gain'])} | "
+                     f"{p['gained']} / {p['lost']} | {difference(d)} | {pv} | "
+                     f"{difference(p.get('partial_gain_vs_reference'))} |")
     return lines
 
 
