@@ -188,6 +188,13 @@ def test_training_on_the_learned_reward_reports_the_held_out_rule_metric(tiny_mo
     assert all("held_out" in v for v in ev["per_tag"].values())
     train_rec = next(r for r in recs if "tp" in r)
     assert len(train_rec["adv_zero_per_step"]) == 2 and len(train_rec["tp"]["r_zero_per_step"]) == 2
+    from tpgrpo.compare import run_diagnostics
+    from tpgrpo.report import write_run_report
+
+    page = write_run_report(tmp_path / "run").read_text()
+    assert "held out: shapes_partial" in page and "Turning points" in page
+    diag = run_diagnostics(recs)
+    assert len(diag["adv_zero_per_step"]) == 2 and len(diag["r_zero_per_step"]) == 2
 
 
 def test_evaluation_scorers_see_their_own_copy_of_the_images(tiny_model):

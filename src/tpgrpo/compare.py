@@ -219,10 +219,15 @@ def run_diagnostics(recs: list[dict]) -> dict:
     tr = [r for r in recs if "reward_mean" in r]
     out = {"dropped_samples": float(np.mean([r.get("dropped_samples", 0) for r in tr])) if tr else None,
            "train_reward_std": float(np.mean([r.get("reward_std", 0) for r in tr])) if tr else None}
+    zero = [r["adv_zero_per_step"] for r in tr if r.get("adv_zero_per_step")]
+    if zero:
+        out["adv_zero_per_step"] = np.mean(zero, axis=0).tolist()
     tp = [r["tp"] for r in tr if "tp" in r]
     if tp:
         out["tp_rate"] = float(np.mean([t["tp_rate"] for t in tp]))
-        out["mean_abs_r_per_step"] = np.mean([t["mean_abs_r_per_step"] for t in tp], axis=0).tolist()
+        for key in ("mean_abs_r_per_step", "r_zero_per_step", "tp_rate_per_step", "tp_rate_per_step_after"):
+            if all(key in t for t in tp):
+                out[key] = np.mean([t[key] for t in tp], axis=0).tolist()
     return out
 
 
@@ -370,18 +375,23 @@ def markdown(summary: dict) -> str:
     for name, a in arms.items():
         lines.append(f"| {name} | " + " | ".join(f"{a['final_strict_per_tag'][t][0]:.3f}" for t in tags) + " |")
     lines += ["", "What the credit assignment saw (averages over epochs and seeds): samples dropped per epoch because all "
-              "their advantages were 0; the within-batch std of the train reward; TP-GRPO's turning-point rate and "
-              "mean |r_t| per window step.", "",
-              "| arm | dropped samples / epoch | train reward std | turning-point rate | mean abs r_t per step |",
-              "|---|---|---|---|---|"]
+              "their advantages were 0; the within-batch std of the train reward; per window step, the fraction of "
+              "advantages exactly 0; TP-GRPO's turning-point rate, and per window step its mean |r_t| and the "
+              "fraction of incremental rewards r_t exactly 0.", "",
+              "| arm | dropped samples / epoch | train reward std | advantage = 0, per step | turning-point rate | "
+              "mean abs r_t per step | r_t = 0, per step |",
+              "|---|---|---|---|---|---|---|"]
+
+    def per_step(x, fmt="{:.2f}"):
+        return " ".join(fmt.format(v) for v in x) if x else "—"
+
     for name, a in arms.items():
         d = a["diagnostics"]
-        r_abs = d.get("mean_abs_r_per_step")
         tp_rate = f"{d['tp_rate']:.3f}" if d.get("tp_rate") is not None else "—"
-        r_text = " ".join(f"{x:.2f}" for x in r_abs) if r_abs else "—"
         dropped = f"{d['dropped_samples']:.1f}" if d.get("dropped_samples") is not None else "—"
         r_std = f"{d['train_reward_std']:.3f}" if d.get("train_reward_std") is not None else "—"
-        lines.append(f"| {name} | {dropped} | {r_std} | {tp_rate} | {r_text} |")
+        lines.append(f"| {name} | {dropped} | {r_std} | {per_step(d.get('adv_zero_per_step'))} | {tp_rate} | "
+                     f"{per_step(d.get('mean_abs_r_per_step'))} | {per_step(d.get('r_zero_per_step'))} |")
     return "\n".join(lines + paired_markdown(summary)) + "\n"
 
 

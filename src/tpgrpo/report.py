@@ -58,6 +58,8 @@ def _curves(recs: list[dict]) -> str:
         e = [r["epoch"] for r in ev]
         a1.plot(e, [r["eval"]["partial"] for r in ev], "o-", label="test reward (partial)")
         a1.plot(e, [r["eval"]["strict"] for r in ev], "s--", label="test strict accuracy")
+        if all("held_out" in r["eval"] for r in ev):  # a held-out reward beside the trained one
+            a1.plot(e, [r["eval"]["held_out"] for r in ev], "d:", label=f"held out: {ev[-1]['eval']['held_out_name']}")
         tags = list(ev[-1]["eval"].get("per_tag", {}))
         for t in tags:
             a2.plot(e, [r["eval"]["per_tag"].get(t, {}).get("strict", np.nan) for r in ev], "o-", ms=3, label=t)
@@ -96,7 +98,7 @@ def _turning_points(recs: list[dict]) -> str:
     if not tp:
         return ""
     e = [r["epoch"] for r in tp]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 3.4))
     a1.plot(e, [r["tp"]["tp_rate"] for r in tp], "k-", label="turning-point rate, before balancing (left)")
     a1b = a1.twinx()
     a1b.plot(e, [r["tp"]["num_pos_after"] for r in tp], "g.-", alpha=0.7, label="# positive kept (right)")
@@ -113,6 +115,20 @@ def _turning_points(recs: list[dict]) -> str:
     a2.set_xlabel("epoch")
     a2.set_ylabel("window step t")
     a2.set_title("mean |r_t| (incremental reward) per step", fontsize=10)
+    steps = np.arange(1, r_abs.shape[1] + 1)
+    for key, style, label in (("r_zero_per_step", "o-", "r_t exactly 0"),
+                              ("tp_rate_per_step", "s--", "turning point, before balancing"),
+                              ("tp_rate_per_step_after", "s-", "turning point, after balancing")):
+        if all(key in r["tp"] for r in tp):
+            a3.plot(steps, np.mean([r["tp"][key] for r in tp], axis=0), style, ms=3, label=label)
+    zero = [r["adv_zero_per_step"] for r in tp if r.get("adv_zero_per_step")]
+    if zero:
+        a3.plot(steps, np.mean(zero, axis=0)[:len(steps)], "^-", ms=3, label="advantage exactly 0")
+    a3.set_xlabel("window step t")
+    a3.set_ylabel("fraction of trajectories")
+    a3.set_title("per step, averaged over epochs", fontsize=10)
+    a3.legend(fontsize=7)
+    a3.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 
@@ -127,9 +143,12 @@ def _eval_table(recs: list[dict]) -> str:
     for r in ev:
         x = r["eval"]
         cells = "".join(f"<td>{x['per_tag'].get(t, {}).get('strict', float('nan')):.3f}</td>" for t in tags)
-        rows.append(f"<tr><td>{r['epoch']}</td><td>{x['partial']:.3f}</td><td>{x['strict']:.3f}</td>{cells}</tr>")
-    return (f"<table><tr><th>epoch</th><th>partial</th><th>strict</th>{head}</tr>{''.join(rows)}</table>"
-            "<p>Per-tag columns are strict accuracy.</p>")
+        held = f"<td>{x['held_out']:.3f}</td>" if "held_out" in x else ""
+        rows.append(f"<tr><td>{r['epoch']}</td><td>{x['partial']:.3f}</td>{held}<td>{x['strict']:.3f}</td>{cells}</tr>")
+    held_head = f"<th>held out: {html.escape(ev[-1]['eval']['held_out_name'])}</th>" if "held_out" in ev[-1]["eval"] else ""
+    return (f"<table><tr><th>epoch</th><th>partial</th>{held_head}<th>strict</th>{head}</tr>{''.join(rows)}</table>"
+            "<p>Per-tag columns are strict accuracy. <i>partial</i> is the trained reward's primary score; a held-out "
+            "reward is scored at evaluation only.</p>")
 
 
 def write_run_report(run_dir: Path, out: Path | None = None) -> Path:
