@@ -272,3 +272,23 @@ def test_pretrain_reward_refuses_a_pool_without_preference_pairs(tiny_model_path
              tags=np.array(["single_object"] * 2))
     with pytest.raises(ValueError, match="no preference pairs"):
         pretrain_reward(RewardPretrainConfig(out=str(out), base=str(tiny_model_path), steps=1))
+
+
+def test_equal_time_checkpoint_is_the_latest_within_the_budget(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("equal_time_eval",
+                                                  Path(__file__).parents[1] / "scripts" / "equal_time_eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    recs = [{"epoch": 0, "eval": {}}] + [{"epoch": e, "time_epoch": 10.0} for e in range(1, 7)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for e in (2, 4, 6):
+        (run / "checkpoints" / f"epoch_{e:06d}").mkdir()
+    assert mod.cumulative_seconds(run) == {e: 10.0 * e for e in range(1, 7)}
+    assert mod.checkpoint_at(run, 45.0) == (4, 40.0)   # epoch 4 (40 s) fits, epoch 6 (60 s) does not
+    assert mod.checkpoint_at(run, 60.0) == (6, 60.0)
+    assert mod.checkpoint_at(run, 15.0) is None
