@@ -24,6 +24,7 @@ probes=(
   "rule_tpgrpo_dense|$TP|$RULE tpgrpo.turning_points=false"
   "tpgrpo_c2|$TP|tpgrpo.completion_steps=2"
   "tpgrpo_c1|$TP|tpgrpo.completion_steps=1"
+  "tpgrpo_c2_dense|$TP|tpgrpo.completion_steps=2 tpgrpo.turning_points=false"
   "tpgrpo_def41|$TP|tpgrpo.consistent=false"
   "tpgrpo_nofirst|$TP|tpgrpo.first_step=false"
   "tpgrpo_nobalance|$TP|tpgrpo.balance=false"
@@ -39,6 +40,7 @@ run() {
   # shellcheck disable=SC2086
   line=$(OMP_NUM_THREADS=1 $PY -c "import torch, sys, runpy; torch.set_num_threads(1); sys.argv=sys.argv[1:]; runpy.run_path('scripts/grad_snr.py', run_name='__main__')" \
          scripts/grad_snr.py "$cfg" "$K" $COMMON $ov 2>/dev/null | tail -n 1)
+  if [[ "$line" != \{* ]]; then echo "$name FAILED" >&2; return 1; fi
   echo "{\"probe\": \"$name\", \"seconds\": $((SECONDS - t0)), ${line#\{}" >> "$OUT"
   echo "$name done in $((SECONDS - t0)) s"
 }
