@@ -292,3 +292,14 @@ def test_equal_time_checkpoint_is_the_latest_within_the_budget(tmp_path):
     assert mod.checkpoint_at(run, 45.0) == (4, 40.0)   # epoch 4 (40 s) fits, epoch 6 (60 s) does not
     assert mod.checkpoint_at(run, 60.0) == (6, 60.0)
     assert mod.checkpoint_at(run, 15.0) is None
+
+
+def test_held_out_reward_checks_the_evaluation_prompts(tiny_model_path, tmp_path):
+    from tpgrpo.trainer import Trainer
+
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("circle a red\n")  # words the model knows, not a prompt of the grammar
+    ov = tiny_overrides(tiny_model_path, tmp_path / "run", **{"reward.name": "brightness", "reward.held_out": "shapes",
+                                                            "data.eval_prompts": str(prompts)})
+    with pytest.raises(ValueError, match="data.eval_prompts: .*not in the shapes grammar"):
+        Trainer(load_config(None, ov), log_trackers=False)

@@ -236,8 +236,9 @@ class Trainer:
     def _validate_prompts(self, field: str, source: PromptSource) -> None:
         """Fail before training, with one line naming the file, if a prompt cannot be embedded or scored."""
         texts = [t for t, _ in source.prompts]
+        scorers = [*self.reward_fns.values(), *([self.held_out_fn] if field == "data.eval_prompts" else [])]
         checks = [getattr(self.model, "validate_prompts", None)] + [getattr(fn, "validate_prompts", None)
-                                                                  for fn in self.reward_fns.values()]
+                                                                  for fn in scorers if fn is not None]
         for check in filter(None, checks):
             try:
                 check(texts)
@@ -357,9 +358,8 @@ class Trainer:
         if forks is not None:
             info["R0_mean"] = float(sum(w * forks[k][:, 0] for k, w in self.reward_weights.items()).mean())
         if credit.advantages.dim() >= 2 and credit.advantages.shape[1]:  # every method: how much of the credit is 0
-            zero = (credit.advantages == 0).double()
-            info["adv_zero_per_step"] = zero.flatten(2).mean(2).mean(0).tolist() if zero.dim() > 2 else \
-                zero.mean(0).tolist()
+            zero = (credit.advantages == 0).double().mean(0)  # [W], or [W, K] with a clipped term per reward
+            info["adv_zero_per_step"] = zero.reshape(zero.shape[0], -1).mean(1).tolist()
         if "tp" in credit.stats:
             info["tp"] = credit.stats["tp"]
             self._last_tp = (credit.stats["R"][:6].numpy(), credit.stats["is_tp"][:6].numpy())
