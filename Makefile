@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-CONFIG ?= configs/tpgrpo_latent.yaml
+CONFIG ?= configs/diffusion_nft_latent.yaml
 
 .PHONY: install train test test-all bench compare compare-latent compare-pref pretrain-latent pretrain-reward clean-venv
 
