@@ -47,3 +47,27 @@ def input_file(what: str, path: str | Path) -> Path:
     if not p.is_file():
         raise ValueError(f"{what}: {p} is not a file")
     return p
+
+
+def load_module_with_config(path: Path, kind: str, build):
+    """A module saved as safetensors with its config (JSON) in the file's metadata: ``build(config)`` constructs it,
+    then the file's tensors (as float32) load into it. Any problem is a one-line ValueError naming the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        config = json.loads(meta.get("config", "{}"))
+        if not isinstance(config, dict):
+            raise ValueError("its metadata holds no model config")
+        module = build(config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a {kind} safetensors file ({first_line(e)})") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return module

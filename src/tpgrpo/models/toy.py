@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import SD3Transformer2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..shapes.grammar import vocabulary
@@ -208,21 +208,6 @@ class ShapesModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model weights not found: {path} (train them with `tpgrpo pretrain-shapes`)")
-        from safetensors import SafetensorError, safe_open
+        from ..io_checks import load_module_with_config
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            config = json.loads(meta.get("config", "{}"))
-            if not isinstance(config, dict):
-                raise ValueError("its metadata holds no model config")
-            model = cls(config, **kw)
-            missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-        except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-            from ..io_checks import first_line
-
-            first = first_line(e)
-            raise ValueError(f"{path}: not a shapes model safetensors file ({first})") from None
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model
+        return load_module_with_config(path, "shapes model", lambda config: cls(config, **kw))

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -120,26 +120,11 @@ class ShapesPreferenceModel(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "ShapesPreferenceModel":
         """The committed weights (``path=None``) or a file written by :meth:`save`; one-line errors name the file."""
-        from safetensors import SafetensorError, safe_open
+        from ..io_checks import load_module_with_config
 
         path = Path(path) if path else default_pref_path()
         if not path.is_file():
             raise FileNotFoundError(f"shapes preference model weights not found: {path} (train them with "
                                     f"`tpgrpo pretrain-reward`)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            config = json.loads(meta.get("config", "{}"))
-            if not isinstance(config, dict):
-                raise ValueError("its metadata holds no model config")
-            model = cls(config)
-            state = {k: v.float() for k, v in load_file(str(path)).items()}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-            from ..io_checks import first_line
-
-            raise ValueError(f"{path}: not a shapes preference model safetensors file ({first_line(e)})") from None
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        model = load_module_with_config(path, "shapes preference model", cls)
         return model.eval().requires_grad_(False)
