@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.toy import ShapesTextEncoder, ShapesTokenizer
+from ..models.toy import ShapesModel, ShapesTextEncoder, ShapesTokenizer
 from .grammar import vocabulary
 
 DEFAULT_PREF_CONFIG = {"channels": 32, "embed_dim": 128, "text_width": 128, "text_layers": 2, "heads": 4,
@@ -102,10 +102,8 @@ class ShapesPreferenceModel(nn.Module):
         """The reward of each (image, prompt) pair: cos(image embedding, prompt embedding), [B]."""
         return (self.embed_images(x) * self.embed_texts_unique(prompts)).sum(-1)
 
-    @staticmethod
-    def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [−1, 1] (the flow model's pixel convention)."""
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    #: uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [−1, 1], the flow model's pixel convention
+    images_to_tensor = staticmethod(ShapesModel.images_to_tensor)
 
     # --- weights ----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
